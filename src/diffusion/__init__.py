@@ -1,0 +1,13 @@
+"""Diffusion math: schedules, q(x_t|x_0), the posterior, the reverse process and sampling. No Lightning here."""
+
+from src.diffusion.gaussian_diffusion import VARIANCES, GaussianDiffusion, randn
+from src.diffusion.schedules import SCHEDULES, make_beta_schedule
+
+__all__ = ["GaussianDiffusion", "make_beta_schedule", "create_diffusion", "randn", "SCHEDULES", "VARIANCES"]
+
+
+def create_diffusion(schedule: str = "linear", num_timesteps: int = 1000, variance: str = "fixed_large",
+                     schedule_kwargs: dict | None = None) -> GaussianDiffusion:
+    """Build a GaussianDiffusion from config values (the ``diffusion`` node of the Hydra config)."""
+    betas = make_beta_schedule(schedule, int(num_timesteps), **dict(schedule_kwargs or {}))
+    return GaussianDiffusion(betas, variance=variance)

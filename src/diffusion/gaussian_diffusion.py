@@ -1,0 +1,258 @@
+"""The DDPM forward process, posterior and reverse process (Ho et al. 2020), plain PyTorch.
+
+Conventions:
+- ``t`` is a LongTensor of shape (B,) holding 0-based indices in [0, T-1]; paper timestep = index + 1.
+  Index 0 is the decoder step: it gets no noise when sampling, and alpha-bar_prev[0] = 1.
+- Every coefficient is precomputed in float64 and cast to the data's dtype when gathered.
+- Models are called as ``model(x_t, t)`` and predict epsilon (the paper's parameterization).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+Model = Callable[[Tensor, Tensor], Tensor]
+
+# Reverse-process variance sigma_t^2 (paper §3.2); both are upper/lower bounds on the reverse entropy.
+VARIANCES = {
+    "fixed_large": "sigma_t^2 = beta_t, with beta_1 replaced by tilde-beta_2 (the reference code's decoder detail)",
+    "fixed_small": "sigma_t^2 = tilde-beta_t, the posterior variance, log clipped at t=1 to log tilde-beta_2",
+}
+
+
+class GaussianDiffusion:
+    """Precomputed DDPM quantities for a beta schedule, and the operations built on them.
+
+    Args:
+        betas: (T,) tensor of beta_1..beta_T, e.g. from ``make_beta_schedule``.
+        variance: ``"fixed_large"`` (sigma_t^2 = beta_t) or ``"fixed_small"`` (sigma_t^2 = tilde-beta_t).
+    """
+
+    def __init__(self, betas: Tensor, variance: str = "fixed_large"):
+        if variance not in VARIANCES:
+            raise ValueError(
+                f"unknown reverse-process variance {variance!r} (diffusion.variance): valid values are "
+                + "; ".join(f"{k} ({v})" for k, v in VARIANCES.items())
+            )
+        betas = torch.as_tensor(betas, dtype=torch.float64).flatten().cpu()
+        if betas.numel() < 2 or not bool(((betas > 0) & (betas <= 1)).all()):
+            raise ValueError("betas must be a 1-D schedule of at least 2 values in (0, 1]")
+        self.variance = variance
+        self.num_timesteps = int(betas.numel())
+
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        # tilde-beta_1 = 0: its log would be -inf, so entry 0 takes entry 1 (reference code).
+        posterior_log_variance_clipped = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
+
+        if variance == "fixed_large":
+            # beta_t, except at t=1 where tilde-beta_2 gives a better decoder likelihood (reference code).
+            model_variance = torch.cat([posterior_variance[1:2], betas[1:]])
+            model_log_variance = torch.log(model_variance)
+        else:
+            model_variance = posterior_variance
+            model_log_variance = posterior_log_variance_clipped
+
+        self.buffers: dict[str, Tensor] = {
+            "betas": betas,
+            "alphas": alphas,
+            "alphas_cumprod": alphas_cumprod,
+            "alphas_cumprod_prev": alphas_cumprod_prev,
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+            "log_one_minus_alphas_cumprod": torch.log(1.0 - alphas_cumprod),
+            "sqrt_recip_alphas_cumprod": (1.0 / alphas_cumprod).sqrt(),
+            "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1.0).sqrt(),
+            "posterior_variance": posterior_variance,
+            "posterior_log_variance_clipped": posterior_log_variance_clipped,
+            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+            "model_variance": model_variance,
+            "model_log_variance": model_log_variance,
+        }
+        self._device_cache: dict[torch.device, dict[str, Tensor]] = {}
+
+    def __getattr__(self, name: str) -> Tensor:
+        # Expose the float64 arrays as attributes (diffusion.alphas_cumprod, ...).
+        buffers = self.__dict__.get("buffers", {})
+        if name in buffers:
+            return buffers[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __repr__(self) -> str:
+        return f"GaussianDiffusion(num_timesteps={self.num_timesteps}, variance={self.variance!r})"
+
+    # ----------------------------------------------------------------- helpers
+    def _arrays_on(self, device: torch.device) -> dict[str, Tensor]:
+        if device not in self._device_cache:
+            # MPS has no float64; everything else keeps the reference precision until gathered.
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            self._device_cache[device] = {k: v.to(device=device, dtype=dtype) for k, v in self.buffers.items()}
+        return self._device_cache[device]
+
+    def extract(self, name: str, t: Tensor, x: Tensor) -> Tensor:
+        """Gather array ``name`` at indices ``t`` (B,) and shape it (B, 1, ..., 1) to broadcast against x."""
+        values = self._arrays_on(t.device)[name][t]
+        return values.to(x.dtype).reshape(t.shape[0], *([1] * (x.dim() - 1)))
+
+    def _check_t(self, t: Tensor, batch: int) -> None:
+        if t.dtype not in (torch.int64, torch.int32) or t.shape != (batch,):
+            raise ValueError(f"t must be an integer tensor of shape ({batch},), got {t.dtype} {tuple(t.shape)}")
+
+    @staticmethod
+    def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+        return randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+    # ------------------------------------------------------- forward process
+    def q_mean_variance(self, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Moments of q(x_t | x_0) = N(sqrt(abar_t) x0, (1 - abar_t) I): (mean, variance, log_variance)."""
+        mean = self.extract("sqrt_alphas_cumprod", t, x0) * x0
+        variance = self.extract("sqrt_one_minus_alphas_cumprod", t, x0) ** 2
+        log_variance = self.extract("log_one_minus_alphas_cumprod", t, x0)
+        return mean, variance.expand_as(x0), log_variance.expand_as(x0)
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Draw x_t ~ q(x_t | x_0) = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (eq. 4)."""
+        self._check_t(t, x0.shape[0])
+        if noise is None:
+            noise = self._randn_like(x0, generator)
+        return (self.extract("sqrt_alphas_cumprod", t, x0) * x0
+                + self.extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise)
+
+    def q_posterior_mean_variance(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Moments of q(x_{t-1} | x_t, x_0) (eqs. 6-7): (mean, variance, clipped log-variance)."""
+        mean = self.extract("posterior_mean_coef1", t, x_t) * x0 + self.extract("posterior_mean_coef2", t, x_t) * x_t
+        variance = self.extract("posterior_variance", t, x_t).expand_as(x_t)
+        log_variance = self.extract("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
+        return mean, variance, log_variance
+
+    def predict_x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """Invert the marginal: x0 = x_t / sqrt(abar_t) - sqrt(1/abar_t - 1) eps."""
+        return (self.extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+                - self.extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps)
+
+    def predict_eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+        return ((self.extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0)
+                / self.extract("sqrt_recipm1_alphas_cumprod", t, x_t))
+
+    # ------------------------------------------------------- reverse process
+    def p_mean_variance(self, model: Model, x_t: Tensor, t: Tensor, clip_denoised: bool = True) -> dict[str, Tensor]:
+        """Moments of p_theta(x_{t-1} | x_t).
+
+        The mean is the posterior mean at the predicted x0 (clipped to [-1, 1] when ``clip_denoised``);
+        without clipping it equals eq. 11, (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t).
+        Returns a dict with ``mean``, ``variance``, ``log_variance``, ``pred_x0`` and ``model_output``.
+        """
+        self._check_t(t, x_t.shape[0])
+        eps = model(x_t, t)
+        if eps.shape != x_t.shape:
+            raise ValueError(
+                f"the model returned shape {tuple(eps.shape)} for input {tuple(x_t.shape)}: an epsilon-model "
+                "must return its input's shape (check model.out_channels)"
+            )
+        eps = eps.to(x_t.dtype)
+        pred_x0 = self.predict_x0_from_eps(x_t, t, eps)
+        if clip_denoised:
+            pred_x0 = pred_x0.clamp(-1.0, 1.0)
+        mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
+        return {
+            "mean": mean,
+            "variance": self.extract("model_variance", t, x_t).expand_as(x_t),
+            "log_variance": self.extract("model_log_variance", t, x_t).expand_as(x_t),
+            "pred_x0": pred_x0,
+            "model_output": eps,
+        }
+
+    def p_sample(self, model: Model, x_t: Tensor, t: Tensor, clip_denoised: bool = True,
+                 generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """One step of Algorithm 2: x_{t-1} = mean + sigma_t z, with z = 0 at index 0."""
+        out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised)
+        noise = self._randn_like(x_t, generator)
+        nonzero = (t != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.dim() - 1)))
+        sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
+        return {"sample": sample, "pred_x0": out["pred_x0"]}
+
+    @torch.no_grad()
+    def sample_progressive(self, model: Model, shape: tuple[int, ...], generator: torch.Generator | None = None,
+                           device: torch.device | str | None = None, x_T: Tensor | None = None,
+                           clip_denoised: bool = True, progress: bool = False) -> Iterator[dict[str, Tensor]]:
+        """Run Algorithm 2 from x_T ~ N(0, I), yielding {"t", "sample", "pred_x0"} after every step."""
+        device = torch.device(device) if device is not None else _model_device(model)
+        x = x_T.to(device) if x_T is not None else randn(shape, generator=generator, device=device)
+        indices = range(self.num_timesteps - 1, -1, -1)
+        if progress:
+            from tqdm.auto import tqdm
+
+            indices = tqdm(indices, desc="sampling", leave=False)
+        for i in indices:
+            t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
+            out = self.p_sample(model, x, t, clip_denoised=clip_denoised, generator=generator)
+            x = out["sample"]
+            yield {"t": i, "sample": x, "pred_x0": out["pred_x0"]}
+
+    @torch.no_grad()
+    def sample(self, model: Model, shape: tuple[int, ...], generator: torch.Generator | None = None,
+               progress: bool = False, device: torch.device | str | None = None, x_T: Tensor | None = None,
+               clip_denoised: bool = True, pred_x0_every: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """Ancestral sampling (Algorithm 2) of a batch of the given shape (B, ...).
+
+        With ``pred_x0_every=k`` also returns the predicted x0 at code indices T-1, and every k-th index
+        down to 0, stacked as (K, B, ...) in sampling order (progressive generation, paper Fig. 6).
+        """
+        snapshots = []
+        x = None
+        for step in self.sample_progressive(model, shape, generator, device, x_T, clip_denoised, progress):
+            x = step["sample"]
+            if pred_x0_every and (step["t"] % pred_x0_every == 0 or step["t"] == self.num_timesteps - 1):
+                snapshots.append(step["pred_x0"])
+        if pred_x0_every:
+            return x, torch.stack(snapshots)
+        return x
+
+    # ------------------------------------------------------------- training
+    def sample_timesteps(self, batch: int, device: torch.device | str | None = None,
+                         generator: torch.Generator | None = None) -> Tensor:
+        """t ~ Uniform{0..T-1} (code indices), as in Algorithm 1."""
+        gen_device = generator.device if generator is not None else device
+        t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=gen_device)
+        return t.to(device) if device is not None else t
+
+    def training_losses(self, model: Model, x0: Tensor, t: Tensor | None = None, noise: Tensor | None = None,
+                        generator: torch.Generator | None = None) -> Tensor:
+        """Per-example L_simple (eq. 14): ||eps - eps_theta(x_t, t)||^2 averaged over dimensions, shape (B,).
+
+        The mean over pixels (not the sum) follows the reference code; gradient clipping at 1.0 assumes it.
+        """
+        if t is None:
+            t = self.sample_timesteps(x0.shape[0], x0.device, generator)
+        if noise is None:
+            noise = self._randn_like(x0, generator)
+        x_t = self.q_sample(x0, t, noise)
+        eps = model(x_t, t)
+        if eps.shape != x0.shape:
+            raise ValueError(
+                f"the model returned shape {tuple(eps.shape)} for input {tuple(x0.shape)}: an epsilon-model "
+                "must return its input's shape (check model.out_channels)"
+            )
+        return (noise - eps.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def randn(shape: tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | str | None = None,
+          dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard normal noise; draws on the generator's device so a seed gives the same noise on any device."""
+    if generator is None:
+        return torch.randn(shape, device=device, dtype=dtype)
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+
+
+def _model_device(model: Model) -> torch.device:
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device
+    return torch.device("cpu")
