@@ -1,0 +1,179 @@
+"""Shared base class and helpers for the DataModules.
+
+Every DataModule yields batches ``(x, y)``: ``x`` float32 in [-1, 1] and ``y`` a LongTensor of
+class labels (``-1`` for unlabeled data). Splits are drawn from ``seed`` with a private
+``torch.Generator`` so that every process of a distributed run sees the same split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+# Label used for examples without a class.
+UNLABELED = -1
+
+
+def scale_to_unit_range(x: torch.Tensor) -> torch.Tensor:
+    """Map values in [0, 1] to [-1, 1]."""
+    return x * 2 - 1
+
+
+def pil_to_unit_range(img: Any) -> torch.Tensor:
+    """PIL image -> float32 (C, H, W) tensor with pixel v in 0..255 mapped to exactly v/127.5 - 1."""
+    from torchvision.transforms.functional import pil_to_tensor
+
+    # Dividing the integer pixels once (not v/255*2-1) keeps the mapping exact in float32.
+    return pil_to_tensor(img).to(torch.float32) / 127.5 - 1
+
+
+def check_int(value: Any, key: str, minimum: int) -> int:
+    """Return ``value`` if it is an int >= ``minimum``, else raise a ValueError naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_fractions(val_fraction: Any, test_fraction: Any, prefix: str = "data") -> tuple[float, float]:
+    """Validate split fractions: each in [0, 1) and their sum < 1 so the train split is not empty."""
+    out = []
+    for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ValueError(f"{prefix}.{key} must be a number in [0, 1), got {value!r}")
+        out.append(float(value))
+    if out[0] + out[1] >= 1:
+        raise ValueError(
+            f"{prefix}.val_fraction + {prefix}.test_fraction must be < 1 to leave training data, "
+            f"got {out[0]} + {out[1]} = {out[0] + out[1]}"
+        )
+    return out[0], out[1]
+
+
+def split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int, int]:
+    """Train/val/test sizes for ``n`` items; a non-zero fraction gets at least one item."""
+
+    def size(fraction: float) -> int:
+        return 0 if fraction == 0 else max(1, round(n * fraction))
+
+    n_val, n_test = size(val_fraction), size(test_fraction)
+    n_train = n - n_val - n_test
+    if n_train < 1:
+        raise ValueError(
+            f"{n} examples are too few to split with data.val_fraction={val_fraction} and "
+            f"data.test_fraction={test_fraction}: no training examples would remain; "
+            "add data or lower the fractions"
+        )
+    return n_train, n_val, n_test
+
+
+def split_indices(
+    n: int, val_fraction: float, test_fraction: float, seed: int
+) -> tuple[list[int], list[int], list[int]]:
+    """Deterministic random train/val/test index lists for ``n`` items, drawn from ``seed``."""
+    n_train, n_val, _ = split_sizes(n, val_fraction, test_fraction)
+    generator = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=generator).tolist()
+    return perm[:n_train], perm[n_train : n_train + n_val], perm[n_train + n_val :]
+
+
+class TransformedSubset(Dataset):
+    """A view of ``base`` restricted to ``indices`` that applies ``transform`` to the input.
+
+    Lets one loaded dataset serve several splits with different transforms (e.g. flips on train
+    only) without loading the data twice.
+    """
+
+    def __init__(
+        self, base: Dataset, indices: Sequence[int] | None = None, transform: Callable | None = None
+    ) -> None:
+        self.base = base
+        self.indices = list(range(len(base))) if indices is None else list(indices)  # type: ignore[arg-type]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Any, Any]:
+        x, y = self.base[self.indices[i]]
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, y
+
+
+class BaseDataModule(L.LightningDataModule):
+    """Common arguments, validation and DataLoader construction.
+
+    Subclasses set ``train_set``/``val_set``/``test_set`` in ``setup`` and implement
+    ``data_shape``. ``setup`` builds all splits at once and is idempotent.
+    """
+
+    def __init__(
+        self, batch_size: int, num_workers: int = 0, seed: int = 0, pin_memory: bool = False
+    ) -> None:
+        super().__init__()
+        self.batch_size = check_int(batch_size, "data.batch_size", 1)
+        self.num_workers = check_int(num_workers, "data.num_workers", 0)
+        self.seed = check_int(seed, "data.seed", 0)
+        self.pin_memory = bool(pin_memory)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    @property
+    def name(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        """Per-example shape without the batch dimension, known before ``setup``."""
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of classes, or None for unlabeled data."""
+        return None
+
+    @property
+    def value_range(self) -> tuple[float, float] | None:
+        """Bounds every value of ``x`` lies in, or None if unbounded (then samples must not be clipped)."""
+        return (-1.0, 1.0)
+
+    @property
+    def is_setup(self) -> bool:
+        return self.train_set is not None
+
+    def _loader(self, dataset: Dataset | None, split: str, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.{split}_dataloader() called before setup(); "
+                "call prepare_data() and setup() first (the Trainer does this for you)"
+            )
+        n = len(dataset)  # type: ignore[arg-type]
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            # Dropping the ragged last batch keeps batch statistics even, but only if a full batch exists.
+            drop_last=train and n >= self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, "train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, "val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, "test", train=False)
+
+    def split_lengths(self) -> dict[str, int]:
+        """Number of examples per split (after ``setup``)."""
+        sets = {"train": self.train_set, "val": self.val_set, "test": self.test_set}
+        return {k: (0 if v is None else len(v)) for k, v in sets.items()}  # type: ignore[arg-type]

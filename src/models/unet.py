@@ -1,0 +1,331 @@
+"""The DDPM U-Net (Ho et al. 2020, SPEC §6.1; TF reference `diffusion_tf/models/unet.py`).
+
+Submodule names (temb.dense, conv_in, down[i].block/attn/downsample, mid.block_1/attn_1/block_2,
+up[i].block/attn/upsample, norm_out, conv_out; ResBlock norm1/conv1/temb_proj/norm2/conv2/nin_shortcut;
+AttnBlock norm/q/k/v/proj_out) follow the layout commonly used by PyTorch ports of the reference.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .embeddings import check_timesteps, timestep_embedding
+
+# TF variance_scaling(scale, "fan_avg", "uniform") == xavier_uniform_ with gain = sqrt(scale).
+# The reference uses scale 1e-10 ("init_scale=0") for layers that should start as ~zero.
+_ZERO_SCALE = 1e-10
+
+
+def _init_dense(module: nn.Conv2d | nn.Linear, scale: float = 1.0) -> None:
+    nn.init.xavier_uniform_(module.weight, gain=math.sqrt(scale))
+    nn.init.zeros_(module.bias)
+
+
+class ResBlock(nn.Module):
+    """Wide-ResNet block with additive timestep conditioning: (B,in,H,W), (B,temb) -> (B,out,H,W)."""
+
+    def __init__(
+        self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, norm: Callable[[int], nn.Module]
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_dim, out_ch)
+        self.norm2 = norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        # 1x1 ("NIN") projection only when the channel count changes.
+        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W positions: (B,C,H,W) -> (B,C,H,W), residual."""
+
+    def __init__(self, channels: int, norm: Callable[[int], nn.Module]) -> None:
+        super().__init__()
+        self.norm = norm(channels)
+        # Separate q/k/v (not one fused 3C conv) so xavier fan_out is C per projection, as in the reference.
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, hgt, wid = x.shape
+        h = self.norm(x)
+
+        # (B,C,H,W) -> (B,1,HW,C); reshape (not view) so channels_last inputs work.
+        def tokens(z: Tensor) -> Tensor:
+            return z.reshape(b, 1, c, hgt * wid).transpose(-1, -2)
+
+        q, k, v = tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h))
+        out = F.scaled_dot_product_attention(q, k, v, scale=c**-0.5)
+        out = out.transpose(-1, -2).reshape(b, c, hgt, wid)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv with TF "SAME" padding (bottom/right only): (B,C,H,W) -> (B,C,H/2,W/2)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # TF pads asymmetrically for even sizes; symmetric padding=1 would shift the sampling grid.
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then 3x3 conv: (B,C,H,W) -> (B,C,2H,2W)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """DDPM U-Net epsilon/x0/mean predictor.
+
+    forward(x: (B, in_channels, H, W), t: (B,) int64 indices in [0, T-1]) -> (B, out_channels, H, W).
+    Defaults are the CIFAR-10 model (35,746,307 parameters).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        ch: int = 128,
+        ch_mult: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attn_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.1,
+        resolution: int = 32,
+        num_groups: int = 32,
+        norm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        # Hydra passes ListConfig / possibly strings-as-ints; normalise to plain Python types.
+        in_channels = int(in_channels)
+        out_channels = in_channels if out_channels is None else int(out_channels)
+        ch = int(ch)
+        ch_mult = tuple(int(m) for m in ch_mult)
+        num_res_blocks = int(num_res_blocks)
+        attn_resolutions = tuple(int(r) for r in attn_resolutions)
+        dropout = float(dropout)
+        resolution = int(resolution)
+        num_groups = int(num_groups)
+        norm_eps = float(norm_eps)
+
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(
+                f"model.in_channels={in_channels} and model.out_channels={out_channels} must be >= 1"
+            )
+        if ch < 1 or len(ch_mult) == 0 or any(m < 1 for m in ch_mult):
+            raise ValueError(
+                f"model.ch={ch} must be >= 1 and model.ch_mult={ch_mult} a non-empty list of positive ints"
+            )
+        if num_res_blocks < 0:
+            raise ValueError(f"model.num_res_blocks={num_res_blocks} must be >= 0")
+        factor = 2 ** (len(ch_mult) - 1)
+        if resolution < 1 or resolution % factor != 0:
+            raise ValueError(
+                f"model.resolution={resolution} is not divisible by 2**(len(ch_mult)-1)={factor} required by "
+                f"model.ch_mult={ch_mult}: set model.resolution (= data.image_size) to a multiple of "
+                f"{factor} or use fewer levels in model.ch_mult"
+            )
+        reachable = {resolution // 2**i for i in range(len(ch_mult))}
+        unused = sorted(set(attn_resolutions) - reachable)
+        if unused:
+            warnings.warn(
+                f"model.attn_resolutions contains {unused}, which the U-Net never reaches (its levels run at "
+                f"{sorted(reachable, reverse=True)} for model.resolution={resolution}); no attention is "
+                f"added there",
+                stacklevel=2,
+            )
+
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.ch = ch
+        self.ch_mult = ch_mult
+        self.num_res_blocks = num_res_blocks
+        self.attn_resolutions = attn_resolutions
+        self.dropout = dropout
+        self.resolution = resolution
+        self.num_groups = num_groups
+        self.norm_eps = norm_eps
+        self.temb_dim = 4 * ch
+
+        def norm(channels: int) -> nn.GroupNorm:
+            if channels % num_groups != 0:
+                raise ValueError(
+                    f"GroupNorm needs channel counts divisible by model.num_groups={num_groups}, but the "
+                    f"U-Net has a {channels}-channel feature map (model.ch={ch}, model.ch_mult={ch_mult}): "
+                    f"choose model.ch (and its multiples) divisible by model.num_groups or lower num_groups"
+                )
+            return nn.GroupNorm(num_groups, channels, eps=norm_eps)
+
+        # Timestep MLP: sinusoid(ch) -> Dense(4ch) -> swish -> Dense(4ch).
+        self.temb = nn.Module()
+        self.temb.dense = nn.ModuleList(
+            [nn.Linear(ch, self.temb_dim), nn.Linear(self.temb_dim, self.temb_dim)]
+        )
+
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+
+        skip_channels = [ch]
+        cur = ch
+        res = resolution
+        self.down = nn.ModuleList()
+        for level, mult in enumerate(ch_mult):
+            stage = nn.Module()
+            stage.block = nn.ModuleList()
+            stage.attn = nn.ModuleList()
+            for _ in range(num_res_blocks):
+                stage.block.append(ResBlock(cur, ch * mult, self.temb_dim, dropout, norm))
+                cur = ch * mult
+                if res in attn_resolutions:
+                    stage.attn.append(AttnBlock(cur, norm))
+                skip_channels.append(cur)
+            if level != len(ch_mult) - 1:
+                stage.downsample = Downsample(cur)
+                skip_channels.append(cur)
+                res //= 2
+            self.down.append(stage)
+
+        self.mid = nn.Module()
+        self.mid.block_1 = ResBlock(cur, cur, self.temb_dim, dropout, norm)
+        self.mid.attn_1 = AttnBlock(cur, norm)
+        self.mid.block_2 = ResBlock(cur, cur, self.temb_dim, dropout, norm)
+
+        self.up = nn.ModuleList()
+        for level in reversed(range(len(ch_mult))):
+            stage = nn.Module()
+            stage.block = nn.ModuleList()
+            stage.attn = nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                stage.block.append(
+                    ResBlock(cur + skip_channels.pop(), ch * ch_mult[level], self.temb_dim, dropout, norm)
+                )
+                cur = ch * ch_mult[level]
+                if res in attn_resolutions:
+                    stage.attn.append(AttnBlock(cur, norm))
+            if level != 0:
+                stage.upsample = Upsample(cur)
+                res *= 2
+            self.up.insert(0, stage)  # up[i] is level i, matching down[i]
+        assert not skip_channels
+
+        self.norm_out = norm(cur)
+        self.conv_out = nn.Conv2d(cur, out_channels, 3, padding=1)
+
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # Reference init: xavier-uniform (fan_avg) everywhere, zero biases; the last conv of each
+        # res-block, the attention output projection and conv_out get scale 1e-10 (gain 1e-5), so every
+        # residual branch, and the network output, starts at ~0.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                _init_dense(m)
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                _init_dense(m.conv2, _ZERO_SCALE)
+            elif isinstance(m, AttnBlock):
+                _init_dense(m.proj_out, _ZERO_SCALE)
+        _init_dense(self.conv_out, _ZERO_SCALE)
+
+    def check_input_shape(self, shape: Sequence[int]) -> None:
+        """Raise ValueError (naming the config keys to change) unless `shape` = (C, H, W) fits this model."""
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 3:
+            kind = "2-D points" if len(shape) == 1 else f"{len(shape)}-D data"
+            raise ValueError(
+                f"UNet expects image data (C,H,W) but the data is {kind} of shape {shape}: use model=mlp "
+                f"for vector data"
+            )
+        c, hgt, wid = shape
+        problems = []
+        if c != self.in_channels:
+            plural = "channel" if c == 1 else "channels"
+            problems.append(
+                f"data has {c} {plural} but model.in_channels={self.in_channels}: set model.in_channels={c}"
+            )
+        if hgt != wid:
+            problems.append(f"images must be square but are {hgt}x{wid}: set data.image_size to one size")
+        factor = 2 ** (len(self.ch_mult) - 1)
+        if hgt % factor != 0 or wid % factor != 0:
+            problems.append(
+                f"image size {hgt} is not divisible by 2**(len(ch_mult)-1)={factor} required by "
+                f"model.ch_mult={self.ch_mult}: choose data.image_size divisible by {factor} or fewer levels "
+                f"in model.ch_mult"
+            )
+        if hgt != self.resolution or wid != self.resolution:
+            problems.append(
+                f"image size {hgt} differs from model.resolution={self.resolution} (attention placement "
+                f"depends on it): set model.resolution to data.image_size={hgt}"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        """x: (B, in_channels, H, W), t: (B,) integer indices -> (B, out_channels, H, W)."""
+        if x.ndim != 4:
+            raise ValueError(f"UNet expects x of shape (B, C, H, W), got {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"x has {x.shape[1]} channels but model.in_channels={self.in_channels}: set model.in_channels"
+            )
+        factor = 2 ** (len(self.ch_mult) - 1)
+        if x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(
+                f"spatial size {tuple(x.shape[2:])} is not divisible by {factor} required by "
+                f"model.ch_mult={self.ch_mult}"
+            )
+        check_timesteps(t, x.shape[0], "UNet")
+
+        dense0, dense1 = self.temb.dense
+        temb = timestep_embedding(t, self.ch).to(dense0.weight.dtype)
+        temb = dense1(F.silu(dense0(temb)))
+
+        last = len(self.ch_mult) - 1
+        hs = [self.conv_in(x)]
+        for level, stage in enumerate(self.down):
+            for j, block in enumerate(stage.block):
+                h = block(hs[-1], temb)
+                if len(stage.attn) > 0:
+                    h = stage.attn[j](h)
+                hs.append(h)
+            if level != last:
+                hs.append(stage.downsample(hs[-1]))
+
+        h = hs[-1]
+        h = self.mid.block_1(h, temb)
+        h = self.mid.attn_1(h)
+        h = self.mid.block_2(h, temb)
+
+        for level in reversed(range(len(self.ch_mult))):
+            stage = self.up[level]
+            for j, block in enumerate(stage.block):
+                h = block(torch.cat([h, hs.pop()], dim=1), temb)
+                if len(stage.attn) > 0:
+                    h = stage.attn[j](h)
+            if level != 0:
+                h = stage.upsample(h)
+
+        return self.conv_out(F.silu(self.norm_out(h)))
