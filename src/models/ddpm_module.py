@@ -58,7 +58,9 @@ class DDPMModule(L.LightningModule):
         self.clip_denoised = clip_denoised
         self.run_config = run_config
         self.train_loss_bins = nn.ModuleList(MeanMetric() for _ in range(NUM_LOSS_BINS))
-        self.save_hyperparameters(ignore=["net", "diffusion", "optimizer", "run_config"])
+        # plain values only (Hydra hands over ListConfigs): checkpoints load with weights_only=True
+        self.save_hyperparameters({"warmup_steps": self.warmup_steps, "clip_denoised": bool(clip_denoised),
+                                   "data_shape": list(self.data_shape) if self.data_shape else None})
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
         return self.net(x_t, t)

@@ -1,0 +1,6 @@
+"""Training callbacks that are ours; checkpoints and LR monitoring come from Lightning."""
+
+from src.callbacks.ema import EMA
+from src.callbacks.sample_grid import SampleGrid
+
+__all__ = ["EMA", "SampleGrid"]

@@ -1,0 +1,60 @@
+"""Write a grid of samples to the run folder and the active loggers while training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from src.utils.images import image_grid, log_image, save_png, scatter_image
+
+
+class SampleGrid(L.Callback):
+    """Sample with Algorithm 2 every ``every_n_epochs`` epochs and once when fitting ends.
+
+    Sampling happens at the end of a validation epoch, while a weight-averaging (EMA) callback has the
+    averaged weights swapped in; ``src.train`` places this callback before the EMA callback so that this
+    hook runs before the EMA one swaps the raw weights back. The final grid, at ``on_fit_end``, uses the
+    weights left in the module, which the EMA callback has replaced with the averaged ones.
+
+    Args:
+        num_samples: samples per grid (points per scatter plot for 2-D data).
+        every_n_epochs: epoch interval; sampling needs a validation run in that epoch.
+        seed: the same seed every time, so grids show the same chains as training proceeds.
+        dirpath: folder for the PNGs (default: ``<trainer.default_root_dir>/samples``).
+    """
+
+    def __init__(self, num_samples: int = 64, every_n_epochs: int = 1, seed: int = 0, dirpath: str | None = None):
+        if num_samples < 1 or every_n_epochs < 1:
+            raise ValueError("callbacks.sample_grid.num_samples and every_n_epochs must be >= 1")
+        self.num_samples = num_samples
+        self.every_n_epochs = every_n_epochs
+        self.seed = seed
+        self.dirpath = dirpath
+        self.last_path: Path | None = None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        self._write(trainer, pl_module, f"epoch={trainer.current_epoch:04d}-step={trainer.global_step:07d}")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer, pl_module, f"final-step={trainer.global_step:07d}")
+
+    @rank_zero_only
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
+        generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        samples = pl_module.sample(self.num_samples, generator=generator).cpu()
+        if samples.dim() == 2:
+            datamodule = trainer.datamodule
+            reference = None
+            if hasattr(datamodule, "sample_reference"):
+                reference = datamodule.sample_reference(max(self.num_samples, 1000), seed=self.seed)
+            image = scatter_image(samples, reference, title=f"step {trainer.global_step}")
+        else:
+            image = image_grid(samples)
+        folder = Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "samples"
+        self.last_path = save_png(image, folder / f"{name}.png")
+        log_image(trainer.loggers, "samples", image, trainer.global_step)

@@ -1,0 +1,70 @@
+"""Train a DDPM: `python -m src.train [experiment=cifar10] [group=value ...] [key=value ...]`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from src.utils.instantiate import fill_model_from_data, instantiate_callbacks, instantiate_loggers
+
+log = logging.getLogger(__name__)
+
+
+def build(cfg: DictConfig) -> dict[str, Any]:
+    """Instantiate data, backbone, diffusion, module, callbacks, loggers and trainer from the config."""
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    data_shape = tuple(datamodule.data_shape)
+    fill_model_from_data(cfg.model, data_shape)
+    net = instantiate(cfg.model)
+    net.check_input_shape(data_shape)
+    diffusion = instantiate(cfg.diffusion)
+    # Plain containers only: checkpoints are loaded with weights_only=True.
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    module = instantiate(cfg.module, net=net, diffusion=diffusion, data_shape=data_shape)
+    module.run_config = run_config  # set after instantiate, which would build the _target_s inside it
+    if getattr(datamodule, "value_range", None) is None and module.clip_denoised:
+        log.warning("data %s is unbounded: sampling without clipping x0 to [-1, 1] (module.clip_denoised=false)",
+                    datamodule.name)
+        module.clip_denoised = False
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(run_config)
+    return {"datamodule": datamodule, "module": module, "trainer": trainer, "callbacks": callbacks,
+            "loggers": loggers, "run_config": run_config}
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit (and optionally test) the model; returns the objects and the final metrics."""
+    objects = build(cfg)
+    trainer, module, datamodule = objects["trainer"], objects["module"], objects["datamodule"]
+    n_params = sum(p.numel() for p in module.net.parameters())
+    log.info("backbone %s: %s parameters; data shape %s; %s", type(module.net).__name__, f"{n_params:,}",
+             datamodule.data_shape, module.diffusion)
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if cfg.get("test", False):
+        # after fit the module holds the EMA weights (the EMA callback copies them in at the end)
+        trainer.test(module, datamodule=datamodule)
+    objects["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    log.info("outputs in %s", trainer.default_root_dir)
+    return objects
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train.yaml")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)["metrics"]
+    metric_name = cfg.get("optimized_metric")
+    return metrics.get(metric_name) if metric_name else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Rebuilding a trained model from a checkpoint written by ``src.train``."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from src.models.ddpm_module import DDPMModule
+
+
+def load_module(path: str | Path, map_location: str | torch.device = "cpu", weights: str = "ema") -> DDPMModule:
+    """Load a ``DDPMModule`` from a checkpoint of this project, with the EMA (default) or the raw weights.
+
+    The checkpoint is read with ``weights_only=True``: it holds tensors and the run config as plain
+    containers, never pickled objects.
+    """
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise ValueError(
+            f"{path} cannot be read as a checkpoint of this project ({type(err).__name__}: {err}); "
+            "pass a .ckpt written by `python -m src.train` (see <run folder>/checkpoints/)"
+        ) from err
+    if not isinstance(ckpt, dict) or "ddpm_config" not in ckpt or "state_dict" not in ckpt:
+        keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(
+            f"{path} was not written by `python -m src.train` (no 'ddpm_config' and 'state_dict'; found {keys}); "
+            "weights from other projects need converting first"
+        )
+    cfg = OmegaConf.create(ckpt["ddpm_config"])
+    module = instantiate(cfg.module, net=instantiate(cfg.model), diffusion=instantiate(cfg.diffusion),
+                         data_shape=ckpt.get("ddpm_data_shape"))
+    module.run_config = ckpt["ddpm_config"]
+    # with EMA, state_dict holds the average and current_model_state the raw weights
+    state = ckpt["state_dict"] if weights == "ema" else ckpt.get("current_model_state", ckpt["state_dict"])
+    module.load_state_dict(state)
+    return module.eval()

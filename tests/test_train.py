@@ -1,0 +1,129 @@
+"""End to end: train a few steps through the real entry point for every experiment, and a multirun."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from src.utils.checkpoint import load_module
+from tests.conftest import TINY, run_entry_point, write_fake_cifar10
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_complete_run(run_dir: Path, result) -> dict:
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    rows = read_metrics(run_dir)
+    losses = [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
+    assert losses and all(math.isfinite(v) for v in losses)
+    assert list((run_dir / "samples").glob("final-step=*.png"))
+    # checkpoints load with weights_only=True and carry the config, the EMA and the raw weights
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert {"state_dict", "current_model_state", "ddpm_config"} <= set(ckpt)
+    assert ckpt["global_step"] == 4
+    return ckpt
+
+
+@pytest.mark.slow
+def test_default_digits_run(tmp_path):
+    run_dir = tmp_path / "digits"
+    result = run_entry_point("src.train", *TINY, f"hydra.run.dir={run_dir}", "test=true", cwd=tmp_path)
+    ckpt = assert_complete_run(run_dir, result)
+    assert ckpt["ddpm_config"]["data"]["_target_"].endswith("DigitsDataModule")
+    assert ckpt["ddpm_config"]["model"]["in_channels"] == 1  # filled from the data
+    assert "test/loss" in (run_dir / "csv" / "metrics.csv").read_text()
+    config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    assert config["diffusion"]["variance"] == "fixed_large"
+    # EMA and raw weights differ after training, and both are finite
+    ema, raw = ckpt["state_dict"], ckpt["current_model_state"]
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema if k.startswith("net."))
+    # the checkpoint alone rebuilds the model, with either set of weights
+    module = load_module(run_dir / "checkpoints" / "last.ckpt")
+    assert torch.equal(module.net.conv_in.weight, ema["net.conv_in.weight"])
+    assert torch.equal(load_module(run_dir / "checkpoints" / "last.ckpt", weights="raw").net.conv_in.weight,
+                       raw["net.conv_in.weight"])
+    x = module.sample(2, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (2, 1, 8, 8) and x.abs().max() <= 1
+
+
+@pytest.mark.slow
+def test_toy2d_run(tmp_path):
+    run_dir = tmp_path / "toy"
+    result = run_entry_point("src.train", *TINY, "experiment=toy2d", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    ckpt = assert_complete_run(run_dir, result)
+    assert ckpt["ddpm_config"]["model"]["data_dim"] == 2
+
+
+@pytest.mark.slow
+def test_cifar10_paper_run_on_a_tiny_copy(tmp_path):
+    """The paper's experiment (35.7M U-Net, W&B logger offline) on a generated cifar-10-batches-py."""
+    write_fake_cifar10(tmp_path / "cifar")
+    run_dir = tmp_path / "cifar_run"
+    result = run_entry_point(
+        "src.train", "experiment=cifar10", *TINY, "logger=wandb", "logger.wandb.offline=true",
+        f"data.data_dir={tmp_path / 'cifar'}", "data.download=false", "data.verify_checksums=false",
+        "data.batch_size=4", "data.pin_memory=false", "callbacks.sample_grid.num_samples=2",
+        f"hydra.run.dir={run_dir}", cwd=tmp_path, env={"WANDB_MODE": "offline"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    n_params = sum(v.numel() for k, v in ckpt["state_dict"].items() if k.startswith("net."))
+    assert n_params == 35_746_307
+
+
+@pytest.mark.slow
+def test_missing_cifar10_says_what_to_do(tmp_path):
+    result = run_entry_point("src.train", "experiment=cifar10", *TINY, "logger=csv", "data.download=false",
+                             f"data.data_dir={tmp_path / 'nothing'}", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "cifar-10-batches-py" in result.stderr and "data.data_dir" in result.stderr
+
+
+@pytest.mark.slow
+def test_multirun_over_reverse_variances(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_entry_point("src.train", "-m", "diffusion/variance=fixed_large,fixed_small", *TINY,
+                             "callbacks.sample_grid=null", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    variances = []
+    for job in ("0", "1"):
+        assert (sweep_dir / job / "checkpoints" / "last.ckpt").is_file()
+        config = yaml.safe_load((sweep_dir / job / ".hydra" / "config.yaml").read_text())
+        variances.append(config["diffusion"]["variance"])
+    assert variances == ["fixed_large", "fixed_small"]
+
+
+def test_foreign_files_are_rejected_clearly(tmp_path):
+    garbage = tmp_path / "notes.ckpt"
+    garbage.write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(ValueError, match="cannot be read as a checkpoint"):
+        load_module(garbage)
+    other = tmp_path / "other.ckpt"
+    torch.save({"model": {"w": torch.zeros(2)}}, other)
+    with pytest.raises(ValueError, match="not written by `python -m src.train`"):
+        load_module(other)
+    with pytest.raises(FileNotFoundError):
+        load_module(tmp_path / "missing.ckpt")
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(tmp_path):
+    """trainer=ddp with two CPU processes (gloo) through the real entry point."""
+    run_dir = tmp_path / "ddp"
+    result = run_entry_point("src.train", *TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                             "callbacks.sample_grid.num_samples=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    ckpt = assert_complete_run(run_dir, result)
+    assert ckpt["ddpm_config"]["trainer"]["strategy"] == "ddp"
+    # rank zero alone writes the run folder: one final grid, one metrics file
+    assert len(list((run_dir / "samples").glob("final-step=*.png"))) == 1
