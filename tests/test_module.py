@@ -111,3 +111,29 @@ def test_sample_shape_and_eval_mode_restored():
     module.train()
     x = module.sample(3, generator=torch.Generator().manual_seed(0))
     assert x.shape == (3, 1, 4, 4) and module.net.training
+
+
+class PoisonWeights(L.Callback):
+    """Turns the weights into NaN after a given optimizer step, as a diverging run would."""
+
+    def __init__(self, after_step: int):
+        self.after_step = after_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.after_step:
+            with torch.no_grad():
+                for p in pl_module.net.parameters():
+                    p.fill_(float("nan"))
+
+
+def test_nan_loss_keeps_the_last_good_checkpoint(compose_cfg, tmp_path):
+    cfg = compose_cfg("trainer.max_steps=10", "callbacks.model_checkpoint.every_n_train_steps=2",
+                      "callbacks.sample_grid=null")
+    objects = build(cfg)
+    trainer = objects["trainer"]
+    trainer.callbacks.insert(0, PoisonWeights(after_step=5))
+    with pytest.raises(FloatingPointError, match="at step 5"):
+        trainer.fit(objects["module"], datamodule=objects["datamodule"])
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
