@@ -1,9 +1,16 @@
 """Diffusion math: schedules, q(x_t|x_0), the posterior, the reverse process and sampling. No Lightning here."""
 
 from src.diffusion.gaussian_diffusion import VARIANCES, GaussianDiffusion, randn
+from src.diffusion.losses import (
+    approx_standard_normal_cdf,
+    discretized_gaussian_log_likelihood,
+    mean_flat,
+    normal_kl,
+)
 from src.diffusion.schedules import SCHEDULES, make_beta_schedule
 
-__all__ = ["GaussianDiffusion", "make_beta_schedule", "create_diffusion", "randn", "SCHEDULES", "VARIANCES"]
+__all__ = ["GaussianDiffusion", "make_beta_schedule", "create_diffusion", "randn", "SCHEDULES", "VARIANCES",
+           "normal_kl", "approx_standard_normal_cdf", "discretized_gaussian_log_likelihood", "mean_flat"]
 
 
 def create_diffusion(schedule: str = "linear", num_timesteps: int = 1000, variance: str = "fixed_large",
