@@ -15,6 +15,19 @@ from src.utils.instantiate import fill_model_from_data, instantiate_callbacks, i
 log = logging.getLogger(__name__)
 
 
+def log_hyperparams(logger, run_config: dict) -> None:
+    """Send the resolved config to a logger; a W&B logger without credentials fails here, before training."""
+    try:
+        logger.log_hyperparams(run_config)
+    except Exception as err:
+        if type(err).__name__ == "UsageError" and type(err).__module__.startswith("wandb"):
+            raise RuntimeError(
+                f"W&B cannot start: {err}. Run `wandb login` or set WANDB_API_KEY; or log offline with "
+                "WANDB_MODE=offline (sync later with `wandb sync`); or choose another logger (logger=csv)"
+            ) from err
+        raise
+
+
 def build(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate data, backbone, diffusion, module, callbacks, loggers and trainer from the config."""
     if cfg.get("seed") is not None:
@@ -37,7 +50,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
-        logger.log_hyperparams(run_config)
+        log_hyperparams(logger, run_config)
     return {"datamodule": datamodule, "module": module, "trainer": trainer, "callbacks": callbacks,
             "loggers": loggers, "run_config": run_config}
 
@@ -49,14 +62,42 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     n_params = sum(p.numel() for p in module.net.parameters())
     log.info("backbone %s: %s parameters; data shape %s; %s", type(module.net).__name__, f"{n_params:,}",
              datamodule.data_shape, module.diffusion)
-    if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    if cfg.get("test", False):
-        # after fit the module holds the EMA weights (the EMA callback copies them in at the end)
-        trainer.test(module, datamodule=datamodule)
+    try:
+        if cfg.get("train", True):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            record_checkpoint_path(trainer)
+        if cfg.get("test", False):
+            # after fit the module holds the EMA weights (the EMA callback copies them in at the end)
+            trainer.test(module, datamodule=datamodule)
+    finally:
+        finish_wandb(trainer)
     objects["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     log.info("outputs in %s", trainer.default_root_dir)
     return objects
+
+
+def record_checkpoint_path(trainer: L.Trainer) -> None:
+    """Put the newest checkpoint's path into the W&B run summary, so a dashboard row leads to its weights."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    ckpt = trainer.checkpoint_callback
+    path = getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")
+    if not path or not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.summary["checkpoint_path"] = str(path)
+
+
+def finish_wandb(trainer: L.Trainer) -> None:
+    """Close the W&B run: otherwise the next job of a multirun, in the same process, would log into it."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train.yaml")

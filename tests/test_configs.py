@@ -106,3 +106,19 @@ def test_image_size_that_does_not_fit_the_unet(compose_cfg):
     # Hydra wraps the backbone's ValueError; the message is what the user sees
     with pytest.raises(Exception, match="set model.resolution \\(= data.image_size\\) to a multiple of 4"):
         build(compose_cfg("data.image_size=10"))
+
+
+def test_wandb_group_is_the_experiment_name(compose_cfg):
+    from omegaconf import OmegaConf
+
+    cfg = compose_cfg("experiment=toy2d", "logger=wandb")
+    assert OmegaConf.to_container(cfg.logger, resolve=True)["wandb"]["group"] == "toy2d"
+
+
+def test_wandb_online_without_credentials_says_what_to_do(compose_cfg, monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a key
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    with pytest.raises(RuntimeError, match="wandb login.*WANDB_MODE=offline"):
+        build(compose_cfg("logger=wandb"))

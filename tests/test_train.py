@@ -94,13 +94,18 @@ def test_missing_cifar10_says_what_to_do(tmp_path):
 def test_multirun_over_reverse_variances(tmp_path):
     sweep_dir = tmp_path / "sweep"
     result = run_entry_point("src.train", "-m", "diffusion/variance=fixed_large,fixed_small", *TINY,
-                             "callbacks.sample_grid=null", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+                             "logger=wandb", "callbacks.sample_grid=null", f"hydra.sweep.dir={sweep_dir}",
+                             cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     variances = []
     for job in ("0", "1"):
         assert (sweep_dir / job / "checkpoints" / "last.ckpt").is_file()
         config = yaml.safe_load((sweep_dir / job / ".hydra" / "config.yaml").read_text())
         variances.append(config["diffusion"]["variance"])
+        ckpt = torch.load(sweep_dir / job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        # both runs land in one W&B group named after the sweep
+        assert ckpt["ddpm_config"]["logger"]["wandb"]["group"] == "digits-sweep-sweep"
+        assert list((sweep_dir / job / "wandb").glob("offline-run-*"))
     assert variances == ["fixed_large", "fixed_small"]
 
 

@@ -1,0 +1,24 @@
+"""OmegaConf resolvers used by the configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+
+def run_group(experiment_name: str) -> str:
+    """The W&B group of a run: the experiment's name, or in a multirun the sweep's, so a sweep sits together."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            return f"{experiment_name}-sweep-{Path(hydra_cfg.sweep.dir).name}"
+    return experiment_name
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("run_group"):
+        OmegaConf.register_new_resolver("run_group", run_group)
