@@ -1,0 +1,146 @@
+"""Evaluate a trained model: `python -m src.eval ckpt_path=<.ckpt> metric=nll`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from src.utils.checkpoint import load_module
+
+log = logging.getLogger(__name__)
+
+METRICS = ("nll",)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def to_8bit_grid(x: torch.Tensor) -> torch.Tensor:
+    """Snap data in [-1, 1] to the 256-level grid the discretized decoder assumes (v/127.5 - 1)."""
+    return torch.round((x.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1
+
+
+def make_datamodule(module, cfg: DictConfig):
+    data_cfg = OmegaConf.create(module.run_config["data"])
+    data_cfg = OmegaConf.merge(data_cfg, cfg.get("data_overrides") or {})
+    data_cfg.batch_size = cfg.batch_size
+    return instantiate(data_cfg)
+
+
+def split_loader(datamodule, split: str):
+    loaders = {"train": "train_dataloader", "val": "val_dataloader", "test": "test_dataloader"}
+    if split not in loaders:
+        raise ValueError(f"split must be one of {', '.join(loaders)}, got {split!r}")
+    datamodule.prepare_data()
+    datamodule.setup("fit" if split != "test" else "test")
+    return getattr(datamodule, loaders[split])()
+
+
+def evaluate_nll(module, loader, cfg: DictConfig, device: torch.device) -> dict[str, torch.Tensor]:
+    """Bits/dim over a loader: the mean total bound and the mean per-timestep terms and x0 errors."""
+    if module.data_shape is None or len(module.data_shape) != 3:
+        raise ValueError("metric=nll needs 8-bit image data; this checkpoint models "
+                         f"data of shape {module.data_shape}")
+    generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    for i, (x, _) in enumerate(loader):
+        if cfg.num_batches is not None and i >= cfg.num_batches:
+            break
+        x0 = to_8bit_grid(x.to(device))
+        out = module.diffusion.bits_per_dim(module.net, x0, generator=generator, progress=cfg.progress,
+                                            clip_denoised=cfg.clip_denoised)
+        for key in ("total", "prior", "terms", "mse"):
+            sums[key] = sums.get(key, 0) + out[key].double().sum(dim=0).cpu()
+        count += x0.shape[0]
+        log.info("batch %d: %d images, running NLL %.4f bits/dim", i, count, (sums["total"] / count).item())
+    if count == 0:
+        raise ValueError(f"the {cfg.split} split is empty: choose another split=")
+    return {k: v / count for k, v in sums.items()} | {"count": torch.tensor(count)}
+
+
+def rate_distortion(terms: torch.Tensor, prior: torch.Tensor, mse: torch.Tensor) -> list[dict[str, float]]:
+    """Paper Fig. 5 / Table 4: after receiving x_t (paper t = index + 1), rate = L_T + sum_{s >= t} L_s in
+    bits/dim and distortion = RMSE of the predicted x0 on the [0, 255] scale."""
+    # code term[i] is the paper's L_i (term[0] = L_0, the decoder); the receiver holding x_t has paid for
+    # L_T and the KL terms L_{T-1} .. L_t, i.e. code terms i >= t.
+    tail = torch.flip(torch.cumsum(torch.flip(terms, [0]), 0), [0])
+    rows = []
+    for i in range(terms.shape[0]):
+        t = i + 1
+        rate = prior.item() + (tail[t].item() if t < terms.shape[0] else 0.0)
+        rows.append({"t": t, "term_bpd": terms[i].item(), "rate_bpd": rate,
+                     "distortion_rmse": 127.5 * math.sqrt(mse[i].item())})
+    return rows
+
+
+def write_nll_outputs(result: dict[str, torch.Tensor], out_dir: Path) -> dict[str, float]:
+    rows = rate_distortion(result["terms"], result["prior"], result["mse"])
+    with open(out_dir / "nll_terms.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = {
+        "nll_bpd": result["total"].item(),
+        "prior_bpd": result["prior"].item(),
+        "decoder_bpd": result["terms"][0].item(),
+        "kl_terms_bpd": result["terms"][1:].sum().item(),
+        "num_images": int(result["count"]),
+    }
+    _plot_terms(rows, out_dir / "nll_terms.png")
+    return summary
+
+
+def _plot_terms(rows: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [r["t"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a.semilogy(t, [max(r["term_bpd"], 1e-12) for r in rows])
+    a.set_xlabel("t"); a.set_ylabel("L_{t-1} (bits/dim)"); a.set_title("per-timestep terms")
+    b.plot([r["rate_bpd"] for r in rows], [r["distortion_rmse"] for r in rows])
+    b.set_xlabel("rate (bits/dim)"); b.set_ylabel("distortion (RMSE, [0,255])"); b.set_title("rate-distortion")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    if cfg.metric not in METRICS:
+        raise ValueError(f"unknown metric {cfg.metric!r}: valid metrics are {', '.join(METRICS)}")
+    device = resolve_device(cfg.device)
+    module = load_module(cfg.ckpt_path, map_location=device, weights=cfg.weights).to(device)
+    out_dir = Path(cfg.get("output_dir") or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loader = split_loader(make_datamodule(module, cfg), cfg.split)
+    with torch.no_grad():
+        result = evaluate_nll(module, loader, cfg, device)
+    summary = write_nll_outputs(result, out_dir)
+    summary |= {"metric": cfg.metric, "split": cfg.split, "weights": cfg.weights, "ckpt_path": str(cfg.ckpt_path)}
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    log.info("NLL on %s (%d images): %.4f bits/dim (decoder %.4f, prior %.2e); outputs in %s", cfg.split,
+             summary["num_images"], summary["nll_bpd"], summary["decoder_bpd"], summary["prior_bpd"], out_dir)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="eval.yaml")
+def main(cfg: DictConfig) -> float:
+    return evaluate(cfg)["nll_bpd"]
+
+
+if __name__ == "__main__":
+    main()
