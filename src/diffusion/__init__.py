@@ -7,10 +7,12 @@ from src.diffusion.losses import (
     mean_flat,
     normal_kl,
 )
+from src.diffusion.samplers import SAMPLERS, ddim_sample, ddpm_sample, respace, space_timesteps
 from src.diffusion.schedules import SCHEDULES, make_beta_schedule
 
 __all__ = ["GaussianDiffusion", "make_beta_schedule", "create_diffusion", "randn", "SCHEDULES", "VARIANCES",
-           "normal_kl", "approx_standard_normal_cdf", "discretized_gaussian_log_likelihood", "mean_flat"]
+           "normal_kl", "approx_standard_normal_cdf", "discretized_gaussian_log_likelihood", "mean_flat",
+           "SAMPLERS", "ddpm_sample", "ddim_sample", "respace", "space_timesteps"]
 
 
 def create_diffusion(schedule: str = "linear", num_timesteps: int = 1000, variance: str = "fixed_large",

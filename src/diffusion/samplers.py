@@ -1,0 +1,242 @@
+"""Samplers for a trained epsilon-model: ancestral DDPM (full or respaced chains) and DDIM. Plain PyTorch.
+
+Conventions (as in ``gaussian_diffusion``):
+- timesteps are 0-based code indices in [0, T-1]; paper timestep = index + 1, index 0 is the decoder step;
+- models are called as ``model(x_t, t)`` with ``t`` a LongTensor (B,) of *original* indices and return
+  epsilon with x_t's shape;
+- all noise comes from ``randn`` so that a seeded CPU generator gives the same samples on any device.
+
+References: respacing follows improved DDPM (SPEC §8.2), DDIM follows Song et al. eq. 12 (SPEC §8.1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from src.diffusion.gaussian_diffusion import GaussianDiffusion, Model, _model_device, randn
+
+__all__ = ["space_timesteps", "respace", "RespacedModel", "ddpm_sample", "ddim_sample", "resolve_timesteps",
+           "SAMPLERS"]
+
+
+def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int]) -> list[int]:
+    """Choose the original 0-based indices in [0, T) that a shortened chain keeps (improved DDPM's respacing).
+
+    ``section_counts`` is a list of counts (or a comma-separated string such as ``"10,15,20"``, or one int):
+    [0, T) is split into that many near-equal sections (the first ``T % k`` get one extra index) and each
+    section keeps ``count`` evenly strided indices including its first and last one. ``"ddimN"`` instead
+    takes ``range(0, T, k)`` for the integer stride k giving exactly N indices (the DDIM paper's spacing).
+
+    Examples: T=1000, "10" -> [0, 111, ..., 888, 999]; T=1000, "ddim50" -> [0, 20, ..., 980].
+    Returns the kept indices, sorted increasingly.
+    """
+    T = int(num_timesteps)
+    if T < 1:
+        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+    if isinstance(section_counts, str):
+        spec = section_counts.strip()
+        if spec.startswith("ddim"):
+            try:
+                wanted = int(spec[len("ddim"):])
+            except ValueError as err:
+                raise ValueError(f"bad step spec {section_counts!r}: expected 'ddimN', N an integer") from err
+            # stride T is allowed too, so that "ddim1" keeps index 0 alone
+            for stride in range(1, T + 1):
+                if len(range(0, T, stride)) == wanted:
+                    return list(range(0, T, stride))
+            raise ValueError(f"cannot take exactly {wanted} steps out of T={T} with an integer stride "
+                             f"({spec!r}); pass the count alone ({wanted}) for evenly spread steps instead")
+        try:
+            counts = [int(c) for c in spec.split(",")]
+        except ValueError as err:
+            raise ValueError(f"bad step spec {section_counts!r}: expected an int, 'ddimN' or counts such as "
+                             "'10,15,20'") from err
+    elif isinstance(section_counts, int):
+        counts = [section_counts]
+    else:
+        counts = [int(c) for c in section_counts]
+    if not counts or any(c < 0 for c in counts) or sum(counts) < 1:
+        raise ValueError(f"step counts must be >= 0 and keep at least one step, got {section_counts!r}")
+    if len(counts) > T:
+        raise ValueError(f"{len(counts)} sections do not fit into T={T} steps")
+
+    size_per, extra = divmod(T, len(counts))
+    kept: list[int] = []
+    start = 0
+    for i, count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        if count > size:
+            raise ValueError(f"cannot take {count} steps out of a section of {size} (T={T}, counts "
+                             f"{counts}); at most {T} steps in all")
+        stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
+        # accumulate the fractional stride as improved DDPM does: rounding j*stride instead differs at .5 ties
+        position = 0.0
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += stride
+        start += size
+    return sorted(set(kept))
+
+
+def resolve_timesteps(num_timesteps: int, steps: int | str | Sequence[int] | None) -> list[int]:
+    """Turn a ``steps`` argument into kept 0-based indices: None = all T; an int or a section string goes
+    through ``space_timesteps``; a list is taken as the indices themselves (checked, sorted)."""
+    T = int(num_timesteps)
+    if steps is None:
+        return list(range(T))
+    if isinstance(steps, bool):
+        raise ValueError(f"steps must be an int, a section string or a list of indices, got {steps!r}")
+    if isinstance(steps, int):
+        if not 1 <= steps <= T:
+            raise ValueError(f"steps={steps} is out of range: the diffusion has T={T} steps, so use 1..{T}")
+        return space_timesteps(T, [steps])
+    if isinstance(steps, str):
+        spec = steps.strip()
+        if spec.isdigit():
+            return resolve_timesteps(T, int(spec))
+        return space_timesteps(T, spec)
+    kept = sorted({int(i) for i in steps})
+    if not kept or kept[0] < 0 or kept[-1] >= T:
+        raise ValueError(f"timesteps must be a non-empty list of indices in [0, {T - 1}], "
+                         f"got {list(steps)!r}")
+    return kept
+
+
+class RespacedModel:
+    """Wraps a model of the original chain for a respaced one: new index j -> original ``timestep_map[j]``."""
+
+    def __init__(self, model: Model, timestep_map: Tensor):
+        self.model = model
+        self.timestep_map = timestep_map
+        self._maps: dict[torch.device, Tensor] = {}
+
+    def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
+        if t.device not in self._maps:
+            self._maps[t.device] = self.timestep_map.to(t.device)
+        return self.model(x_t, self._maps[t.device][t])
+
+
+def respace(diffusion: GaussianDiffusion, timesteps: Sequence[int]) -> tuple[GaussianDiffusion, Tensor]:
+    """The process that keeps only ``timesteps`` (0-based original indices) of ``diffusion``.
+
+    New betas are 1 - abar_i / abar_prev_kept over the kept indices i (abar_prev_kept starts at 1), so the
+    new alpha-bars equal the original ones at the kept indices; every other coefficient (posterior,
+    tilde-beta, the fixed_large patch) is rebuilt by a fresh GaussianDiffusion with the same variance name.
+    Returns (respaced diffusion, timestep_map) with timestep_map[j] the original index of new index j
+    (LongTensor (S,)); wrap the model with ``RespacedModel(model, timestep_map)`` to sample it.
+    """
+    kept = resolve_timesteps(diffusion.num_timesteps, list(timesteps))
+    if len(kept) < 2:
+        # GaussianDiffusion needs tilde-beta_2 for its t=1 log-variance
+        raise ValueError(f"a respaced ancestral chain needs at least 2 steps, got {len(kept)}; use the DDIM "
+                         "sampler for a single step")
+    abar = diffusion.alphas_cumprod
+    betas = []
+    abar_prev = torch.ones((), dtype=torch.float64)
+    for i in kept:
+        betas.append(1.0 - abar[i] / abar_prev)
+        abar_prev = abar[i]
+    spaced = GaussianDiffusion(torch.stack(betas), variance=diffusion.variance)
+    return spaced, torch.tensor(kept, dtype=torch.long)
+
+
+def _progress(iterable, enabled: bool, desc: str, total: int):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+@torch.no_grad()
+def ddpm_sample(diffusion: GaussianDiffusion, model: Model, shape: tuple[int, ...],
+                steps: int | str | Sequence[int] | None = None, generator: torch.Generator | None = None,
+                progress: bool = False, clip_denoised: bool = True, device: torch.device | str | None = None,
+                x_T: Tensor | None = None) -> Tensor:
+    """Ancestral sampling (Algorithm 2) of a batch of ``shape`` (B, ...); returns x_0 as (B, ...).
+
+    ``steps``: None runs all T steps; an int count, a section string (``"10,15,20"``, ``"ddim25"``) or a list
+    of 0-based indices samples the respaced process (``respace``), whose variance is the same choice
+    (fixed_large / fixed_small) rebuilt from the respaced betas. Noise: x_T first, then one draw of ``shape``
+    per step (the last one unused), all through ``randn`` and ``generator``.
+    """
+    device = torch.device(device) if device is not None else _model_device(model)
+    kept = resolve_timesteps(diffusion.num_timesteps, steps)
+    if len(kept) == diffusion.num_timesteps:
+        return diffusion.sample(model, shape, generator=generator, progress=progress, device=device, x_T=x_T,
+                                clip_denoised=clip_denoised)
+    spaced, timestep_map = respace(diffusion, kept)
+    return spaced.sample(RespacedModel(model, timestep_map), shape, generator=generator, progress=progress,
+                         device=device, x_T=x_T, clip_denoised=clip_denoised)
+
+
+@torch.no_grad()
+def ddim_sample(diffusion: GaussianDiffusion, model: Model, shape: tuple[int, ...],
+                steps: int | str | None = 50, eta: float = 0.0, generator: torch.Generator | None = None,
+                progress: bool = False, clip_denoised: bool = True, device: torch.device | str | None = None,
+                timesteps: Sequence[int] | None = None, x_T: Tensor | None = None) -> Tensor:
+    """DDIM sampling (Song et al. eq. 12) of a batch of ``shape`` (B, ...); returns x_0 as (B, ...).
+
+    Runs over an increasing subsequence tau_1 < ... < tau_S of 0-based indices, from tau_S down to tau_1:
+    ``timesteps`` if given, else from ``steps``: an int S takes the DDIM code's uniform stride
+    (``"ddimS"``) when an integer stride gives exactly S steps and evenly spread steps otherwise; a string
+    goes through ``space_timesteps``; None takes all T. Per step, with abar_prev = 1 for tau_1:
+
+        x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)   (clipped to [-1, 1] and eps recomputed
+                                                                 from it when ``clip_denoised``)
+        sigma  = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)
+        x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps + sigma z   (z = 0 at the end)
+
+    eta = 0 is deterministic given x_T; eta = 1 with all T steps is ancestral sampling with fixed_small.
+    Noise: x_T first, then one draw of ``shape`` per step whatever eta (the same stream as ``ddpm_sample``).
+    """
+    device = torch.device(device) if device is not None else _model_device(model)
+    T = diffusion.num_timesteps
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0 (0: DDIM, 1: DDPM-like noise), got {eta}")
+    if isinstance(steps, str) and steps.strip().isdigit():
+        steps = int(steps)
+    if timesteps is not None:
+        kept = resolve_timesteps(T, list(timesteps))
+    elif isinstance(steps, int) and not isinstance(steps, bool):
+        kept = resolve_timesteps(T, steps)  # range check
+        try:
+            kept = space_timesteps(T, f"ddim{steps}")
+        except ValueError:
+            pass  # no integer stride gives exactly `steps`: keep the evenly spread ones
+    else:
+        kept = resolve_timesteps(T, steps)
+
+    x = x_T.to(device) if x_T is not None else randn(shape, generator=generator, device=device)
+    abar = diffusion.alphas_cumprod
+    order = list(reversed(kept))
+    for n, i in enumerate(_progress(order, progress, "DDIM sampling", len(order))):
+        t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
+        eps = model(x, t)
+        if eps.shape != x.shape:
+            raise ValueError(f"the model returned shape {tuple(eps.shape)} for input {tuple(x.shape)}: an "
+                             "epsilon-model must return its input's shape (check model.out_channels)")
+        eps = eps.to(x.dtype)
+        x0 = diffusion.predict_x0_from_eps(x, t, eps)
+        if clip_denoised:
+            x0 = x0.clamp(-1.0, 1.0)
+            # keep x_prev consistent with the clipped x0 (improved DDPM's ddim_sample)
+            eps = diffusion.predict_eps_from_x0(x, t, x0)
+        # per-step scalars in float64, as the schedule arrays are
+        abar_t = abar[i].item()
+        abar_prev = abar[order[n + 1]].item() if n + 1 < len(order) else 1.0
+        sigma = eta * ((1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev)) ** 0.5
+        # max(): sigma^2 can exceed 1 - abar_prev by rounding when eta = 1
+        dir_coef = max(1.0 - abar_prev - sigma**2, 0.0) ** 0.5
+        noise = randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+        x = abar_prev**0.5 * x0 + dir_coef * eps
+        if n + 1 < len(order):
+            x = x + sigma * noise
+    return x
+
+
+# Sampler names used by `src.sample` (configs/sampler/<name>.yaml).
+SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample}

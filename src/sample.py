@@ -1,0 +1,157 @@
+"""Sample a trained DDPM: `python -m src.sample ckpt_path=<.ckpt> num_samples=N [sampler=ddim]`.
+
+Also `sampler.steps=50 sampler.eta=0.0`, `batch_size=`, `seed=`, `weights=ema|raw`, `device=auto|cpu|cuda`
+(see configs/sample.yaml).
+
+Writes into the run folder (`outputs/sample/runs/<time>/` by default):
+- images: `samples/000000.png ...` (one PNG per sample), `samples.npz` (key `samples`, uint8 N x H x W x C,
+  the layout FID tools expect) and `grid.png` (the first samples);
+- 2-D points (data shape (D,)): `samples.npz` (key `samples`, float32 N x D) and `scatter.png`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import Tensor
+
+from src.diffusion.samplers import SAMPLERS, resolve_timesteps
+from src.models.ddpm_module import DDPMModule
+from src.utils.checkpoint import load_module
+from src.utils.images import image_grid, save_png, scatter_image, to_uint8
+
+log = logging.getLogger(__name__)
+
+GRID_MAX = 100  # grid.png shows at most this many samples
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available, else cpu; anything else is a torch device string."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_sampler(sampler_cfg: DictConfig, num_timesteps: int) -> Callable[..., Tensor]:
+    """Check the ``sampler`` config node against T and return the sampler with its settings bound.
+
+    The result is called as ``fn(diffusion, model, shape, generator=, progress=, clip_denoised=, device=)``.
+    """
+    name = sampler_cfg.get("name")
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r} (sampler.name): valid values are {', '.join(SAMPLERS)}")
+    steps = sampler_cfg.get("steps")
+    if isinstance(steps, ListConfig | list | tuple):
+        # a list on the command line means section counts, like the string "10,15,20"
+        steps = ",".join(str(int(c)) for c in steps)
+    try:
+        kept = resolve_timesteps(num_timesteps, steps)
+    except ValueError as err:
+        raise ValueError(f"sampler.steps={steps!r} does not fit this checkpoint (T={num_timesteps}): "
+                         f"{err}") from err
+    if name == "ddpm":
+        if len(kept) < 2:
+            raise ValueError(f"sampler.steps={steps!r} keeps {len(kept)} step; ancestral sampling needs at "
+                             "least 2 (use sampler=ddim for a single step)")
+        return functools.partial(SAMPLERS[name], steps=steps)
+    eta = float(sampler_cfg.get("eta", 0.0))
+    if eta < 0:
+        raise ValueError(f"sampler.eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta}")
+    return functools.partial(SAMPLERS[name], steps=steps, eta=eta)
+
+
+def draw(module: DDPMModule, sampler: Callable[..., Tensor], num_samples: int, batch_size: int,
+         generator: torch.Generator, device: torch.device, progress: bool = False) -> Tensor:
+    """Draw ``num_samples`` in batches of ``batch_size``; returns them on the CPU as (N, *data_shape)."""
+    if module.data_shape is None:
+        raise RuntimeError("the checkpoint does not record the data shape (ddpm_data_shape); re-save it with "
+                           "`python -m src.train`")
+    batches = [min(batch_size, num_samples - start) for start in range(0, num_samples, batch_size)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_samples, desc="samples", unit="sample")
+    out = []
+    for n in batches:
+        x = sampler(module.diffusion, module.net, (n, *module.data_shape), generator=generator,
+                    progress=progress, clip_denoised=module.clip_denoised, device=device)
+        out.append(x.float().cpu())
+        if bar is not None:
+            bar.update(n)
+    if bar is not None:
+        bar.close()
+    return torch.cat(out)
+
+
+def _reference_points(module: DDPMModule, n: int, seed: int) -> Tensor | None:
+    """Points of the training distribution, when the run's data module can draw them (toy2d)."""
+    data_cfg = (module.run_config or {}).get("data")
+    if not data_cfg:
+        return None
+    try:
+        datamodule = instantiate(OmegaConf.create(data_cfg))
+        if not hasattr(datamodule, "sample_reference"):
+            return None
+        return datamodule.sample_reference(n, seed=seed)
+    except Exception as err:  # the grey reference cloud is decoration: never fail the run for it
+        log.warning("no reference points for the scatter plot (%s: %s)", type(err).__name__, err)
+        return None
+
+
+def write_samples(samples: Tensor, out_dir: Path, module: DDPMModule, seed: int = 0) -> Path:
+    """Write the samples (N, C, H, W) or (N, D) as described in the module docstring; returns the npz path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    npz = out_dir / "samples.npz"
+    if samples.dim() == 2:
+        np.savez(npz, samples=samples.numpy().astype(np.float32))
+        if samples.shape[1] == 2:
+            reference = _reference_points(module, max(len(samples), 1000), seed)
+            image = scatter_image(samples, reference, title=f"{len(samples)} samples")
+            save_png(image, out_dir / "scatter.png")
+        return npz
+    images = to_uint8(samples)  # (N, C, H, W); clips to [-1, 1]
+    np.savez(npz, samples=images.permute(0, 2, 3, 1).contiguous().numpy())
+    for i, image in enumerate(images):
+        save_png(image, out_dir / "samples" / f"{i:06d}.png")
+    save_png(image_grid(samples[:GRID_MAX]), out_dir / "grid.png")
+    return npz
+
+
+def sample(cfg: DictConfig) -> Path:
+    """Load the checkpoint, draw ``cfg.num_samples`` with ``cfg.sampler``, write them; returns the npz."""
+    if int(cfg.num_samples) < 1 or int(cfg.batch_size) < 1:
+        raise ValueError(f"num_samples and batch_size must be >= 1, got {cfg.num_samples} and "
+                         f"{cfg.batch_size}")
+    device = resolve_device(str(cfg.device))
+    module = load_module(cfg.ckpt_path, map_location="cpu", weights=cfg.weights).to(device)
+    diffusion = module.diffusion
+    sampler = make_sampler(cfg.sampler, diffusion.num_timesteps)
+    log.info("checkpoint %s (%s weights): data shape %s, %s; sampler %s on %s", cfg.ckpt_path, cfg.weights,
+             module.data_shape, diffusion, OmegaConf.to_container(cfg.sampler), device)
+    # one CPU generator seeded once: samples depend on seed and batch_size, not on the device
+    generator = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
+    samples = draw(module, sampler, int(cfg.num_samples), int(cfg.batch_size), generator, device,
+                   progress=bool(cfg.progress))
+    if module.clip_denoised:
+        samples = samples.clamp(-1.0, 1.0)  # bounded data (images): the same range the reference code writes
+    npz = write_samples(samples, Path(cfg.paths.output_dir), module, seed=int(cfg.seed))
+    log.info("%d samples written to %s", len(samples), npz)
+    return npz
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="sample.yaml")
+def main(cfg: DictConfig) -> Path:
+    return sample(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""End to end: train a tiny model once through src.train, then sample it through src.sample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from hydra.errors import MissingConfigException
+from PIL import Image
+
+from src.sample import sample, write_samples
+from tests.conftest import TINY, compose_config, run_entry_point
+
+# One intra-op thread everywhere: on a small shared CPU, 2+ OpenMP threads per process spin against other
+# work and make the tiny U-Net several times slower; it also keeps CPU results identical across processes.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """A T=50 digits checkpoint from four training steps of the real entry point (trained once per module)."""
+    root = tmp_path_factory.mktemp("train")
+    run_dir = root / "run"
+    result = run_entry_point("src.train", *TINY, "callbacks.sample_grid=null", f"hydra.run.dir={run_dir}",
+                             cwd=root, env={"DDPM_ROOT": str(root), **ONE_THREAD})
+    assert result.returncode == 0, result.stderr[-4000:]
+    path = run_dir / "checkpoints" / "last.ckpt"
+    assert path.is_file()
+    return path
+
+
+def sample_in_process(ckpt: Path, out: Path, *overrides: str) -> Path:
+    cfg = compose_config([f"ckpt_path={ckpt}", "num_samples=5", "batch_size=2", "progress=false", *overrides],
+                         out, config_name="sample")
+    return sample(cfg)
+
+
+def check_image_run(out: Path) -> np.ndarray:
+    with np.load(out / "samples.npz") as f:
+        arr = f["samples"]
+    assert arr.shape == (5, 8, 8, 1) and arr.dtype == np.uint8
+    pngs = sorted((out / "samples").glob("*.png"))
+    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(5)]
+    # each PNG holds the same pixels as its npz row
+    assert np.array_equal(np.array(Image.open(pngs[3])), arr[3, ..., 0])
+    grid = np.array(Image.open(out / "grid.png"))
+    assert grid.ndim >= 2 and grid.shape[0] > 8 and grid.shape[1] > 8  # 3x3 layout of 8x8 tiles
+    assert (out / ".hydra" / "config.yaml").is_file()
+    return arr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler", [[], ["sampler=ddim", "sampler.steps=10"]], ids=["ddpm", "ddim10"])
+def test_sample_entry_point_writes_pngs_npz_and_grid(ckpt, tmp_path, sampler, one_thread):
+    out = tmp_path / "samples_run"
+    result = run_entry_point("src.sample", f"ckpt_path={ckpt}", "num_samples=5", "batch_size=2", *sampler,
+                             f"hydra.run.dir={out}", cwd=tmp_path, env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-4000:]
+    arr = check_image_run(out)
+    assert arr.std() > 0  # not a constant image
+    if sampler:
+        # the same seed (and batch size) gives the same samples, here from a second, in-process run; only
+        # for the 10-step sampler, to keep the suite fast on a CPU
+        again = sample_in_process(ckpt, tmp_path / "again", *sampler)
+        with np.load(again) as f:
+            assert np.array_equal(f["samples"], arr)
+        other = sample_in_process(ckpt, tmp_path / "other", "seed=1", *sampler)
+        with np.load(other) as f:
+            assert not np.array_equal(f["samples"], arr)
+
+
+@pytest.mark.slow
+def test_bad_checkpoint_path_fails_clearly(tmp_path):
+    missing = tmp_path / "nope.ckpt"
+    result = run_entry_point("src.sample", f"ckpt_path={missing}", "num_samples=2",
+                             f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path, env=ONE_THREAD)
+    assert result.returncode != 0
+    assert f"no checkpoint at {missing}" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["sampler.name=euler"], "unknown sampler 'euler'"),
+    (["sampler.steps=51"], r"sampler.steps=51 does not fit this checkpoint \(T=50\)"),
+    (["sampler=ddim", "sampler.steps=0"], "out of range"),
+    (["sampler.steps=1"], "needs at least 2"),
+    (["sampler=ddim", "sampler.eta=-1"], "eta must be >= 0"),
+    (["num_samples=0"], "num_samples and batch_size must be >= 1"),
+])
+def test_bad_sampler_settings_fail_clearly(ckpt, tmp_path, overrides, message, one_thread):
+    with pytest.raises(ValueError, match=message):
+        sample_in_process(ckpt, tmp_path / "out", *overrides)
+
+
+def test_unknown_sampler_group_is_a_config_error(tmp_path):
+    with pytest.raises(MissingConfigException, match="sampler"):
+        compose_config(["ckpt_path=x", "sampler=euler"], tmp_path, config_name="sample")
+
+
+def test_sample_config_defaults(tmp_path):
+    cfg = compose_config(["ckpt_path=x"], tmp_path, config_name="sample")
+    assert cfg.sampler.name == "ddpm" and cfg.sampler.steps is None
+    assert (cfg.task_name, cfg.num_samples, cfg.batch_size, cfg.seed, cfg.weights, cfg.device) == (
+        "sample", 64, 64, 0, "ema", "auto")
+    ddim = compose_config(["ckpt_path=x", "sampler=ddim"], tmp_path, config_name="sample")
+    assert (ddim.sampler.name, ddim.sampler.steps, ddim.sampler.eta) == ("ddim", 50, 0.0)
+
+
+def test_points_are_written_as_float_npz_and_a_scatter_plot(tmp_path):
+    points = torch.randn(300, 2)
+    toy = {"_target_": "src.data.Toy2DDataModule", "dataset": "two_moons", "num_samples": 100}
+    for run_config, name in ((None, "plain"), ({"data": toy}, "with_reference")):
+        module = SimpleNamespace(run_config=run_config)
+        npz = write_samples(points, tmp_path / name, module)
+        with np.load(npz) as f:
+            assert f["samples"].dtype == np.float32 and np.array_equal(f["samples"], points.numpy())
+        assert (tmp_path / name / "scatter.png").is_file()
+        assert not (tmp_path / name / "samples").exists()
