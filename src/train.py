@@ -46,6 +46,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         log.warning("data %s is unbounded: sampling without clipping x0 to [-1, 1] (module.clip_denoised=false)",
                     datamodule.name)
         module.clip_denoised = False
+        run_config["module"]["clip_denoised"] = False  # so the checkpoint rebuilds the same module
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
