@@ -14,10 +14,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src.utils.checkpoint import load_module
+from src.utils.images import to_uint8
 
 log = logging.getLogger(__name__)
 
-METRICS = ("nll",)
+METRICS = {
+    "nll": "the variational bound in bits/dim on a data split",
+    "fd_digits_classifier": "digits classifier-feature Fréchet distance of samples to the test split (no download)",
+    "swd": "sliced Wasserstein distance of samples to fresh points of the true 2-D distribution",
+}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -119,27 +124,89 @@ def _plot_terms(rows: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
+def get_samples(module, cfg: DictConfig, device: torch.device) -> tuple[torch.Tensor, float]:
+    """Samples in [-1, 1] (N, *data_shape): read from ``samples_path`` (an npz of src.sample) or drawn now."""
+    import time
+
+    import numpy as np
+
+    from src.sample import draw, make_sampler
+
+    if cfg.get("samples_path"):
+        arr = torch.from_numpy(np.load(cfg.samples_path)["samples"])
+        if arr.dtype == torch.uint8:  # images N x H x W x C on the 8-bit grid
+            arr = arr.permute(0, 3, 1, 2).float() / 127.5 - 1
+        return arr.float(), 0.0
+    sampler = make_sampler(cfg.sampler, module.diffusion.num_timesteps)
+    generator = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
+    start = time.perf_counter()
+    samples = draw(module, sampler, int(cfg.num_samples), int(cfg.sample_batch_size), generator, device,
+                   progress=bool(cfg.progress))
+    seconds = time.perf_counter() - start
+    if module.clip_denoised:
+        samples = samples.clamp(-1, 1)
+    return samples, seconds
+
+
+def evaluate_sample_quality(module, cfg: DictConfig, device: torch.device) -> dict[str, float]:
+    data_cfg = (module.run_config or {}).get("data", {})
+    samples, seconds = get_samples(module, cfg, device)
+    summary: dict[str, float] = {"num_samples": len(samples), "sampling_seconds": seconds}
+    if cfg.metric == "fd_digits_classifier":
+        from src.metrics import DigitsFrechetDistance
+
+        if not str(data_cfg.get("_target_", "")).endswith("DigitsDataModule") or tuple(samples.shape[1:]) != (1, 8, 8):
+            raise ValueError("metric=fd_digits_classifier needs a model of the 8x8 digits data; this checkpoint "
+                             f"models {data_cfg.get('_target_')} of shape {tuple(samples.shape[1:])}")
+        # the real data on the 8-bit grid, as the samples are
+        fd = DigitsFrechetDistance(split="test", seed=int(data_cfg.get("seed", 0)))
+        summary["fd_digits_classifier"] = fd(to_uint8(samples).float() / 127.5 - 1)
+        summary["fd_digits_classifier_real_floor"] = fd.reference_fd_of_real_data(len(samples), seed=int(cfg.seed))
+    elif cfg.metric == "swd":
+        from src.metrics import sliced_wasserstein_distance
+
+        datamodule = instantiate(OmegaConf.create(data_cfg))
+        if not hasattr(datamodule, "sample_reference") or samples.dim() != 2:
+            raise ValueError("metric=swd needs a model of 2-D toy data (data=toy2d)")
+        gen = torch.Generator().manual_seed(int(cfg.seed))
+        reference = datamodule.sample_reference(len(samples), seed=int(cfg.seed))
+        summary["swd"] = sliced_wasserstein_distance(samples, reference, generator=gen)
+        summary["swd_real_floor"] = sliced_wasserstein_distance(
+            datamodule.sample_reference(len(samples), seed=int(cfg.seed) + 1), reference, generator=gen)
+    return summary
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.metric not in METRICS:
-        raise ValueError(f"unknown metric {cfg.metric!r}: valid metrics are {', '.join(METRICS)}")
+        raise ValueError(f"unknown metric {cfg.metric!r}: valid metrics are "
+                         + "; ".join(f"{k} ({v})" for k, v in METRICS.items()))
     device = resolve_device(cfg.device)
     module = load_module(cfg.ckpt_path, map_location=device, weights=cfg.weights).to(device)
     out_dir = Path(cfg.get("output_dir") or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    loader = split_loader(make_datamodule(module, cfg), cfg.split)
-    with torch.no_grad():
-        result = evaluate_nll(module, loader, cfg, device)
-    summary = write_nll_outputs(result, out_dir)
-    summary |= {"metric": cfg.metric, "split": cfg.split, "weights": cfg.weights, "ckpt_path": str(cfg.ckpt_path)}
+    if cfg.metric == "nll":
+        loader = split_loader(make_datamodule(module, cfg), cfg.split)
+        with torch.no_grad():
+            result = evaluate_nll(module, loader, cfg, device)
+        summary = write_nll_outputs(result, out_dir)
+        log.info("NLL on %s (%d images): %.4f bits/dim (decoder %.4f, prior %.2e)", cfg.split,
+                 summary["num_images"], summary["nll_bpd"], summary["decoder_bpd"], summary["prior_bpd"])
+    else:
+        summary = evaluate_sample_quality(module, cfg, device)
+        summary["sampler"] = OmegaConf.to_container(cfg.sampler)
+        log.info("%s: %s", cfg.metric, {k: v for k, v in summary.items() if k != "sampler"})
+    summary |= {"metric": cfg.metric, "weights": cfg.weights, "ckpt_path": str(cfg.ckpt_path)}
+    if cfg.metric == "nll":
+        summary["split"] = cfg.split
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-    log.info("NLL on %s (%d images): %.4f bits/dim (decoder %.4f, prior %.2e); outputs in %s", cfg.split,
-             summary["num_images"], summary["nll_bpd"], summary["decoder_bpd"], summary["prior_bpd"], out_dir)
+    log.info("outputs in %s", out_dir)
     return summary
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval.yaml")
 def main(cfg: DictConfig) -> float:
-    return evaluate(cfg)["nll_bpd"]
+    summary = evaluate(cfg)
+    return summary.get("nll_bpd", summary.get(cfg.metric))
 
 
 if __name__ == "__main__":

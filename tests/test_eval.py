@@ -69,3 +69,37 @@ def test_bad_metric_and_bad_checkpoint_fail_clearly(digits_checkpoint, tmp_path)
     result = run_entry_point("src.eval", f"ckpt_path={tmp_path / 'none.ckpt'}", f"hydra.run.dir={tmp_path / 'b'}",
                              cwd=tmp_path)
     assert result.returncode != 0 and "no checkpoint at" in result.stderr
+
+
+@pytest.mark.slow
+def test_digits_classifier_fd_through_the_entry_point(digits_checkpoint, tmp_path):
+    out = tmp_path / "fd"
+    result = run_entry_point("src.eval", f"ckpt_path={digits_checkpoint}", "metric=fd_digits_classifier",
+                             "num_samples=24", "sample_batch_size=12", "sampler=ddim", "sampler.steps=5",
+                             "progress=false", f"hydra.run.dir={out}", cwd=tmp_path,
+                             env={"DDPM_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["num_samples"] == 24 and summary["sampler"]["name"] == "ddim"
+    # a 4-step-trained model is far from the data; real digits at the same N are much closer
+    assert summary["fd_digits_classifier"] > summary["fd_digits_classifier_real_floor"] > 0
+    assert (tmp_path / "cache" / "digits_classifier_v1.pt").is_file()
+
+
+@pytest.mark.slow
+def test_swd_on_a_toy_model(tmp_path):
+    run_dir = tmp_path / "toy"
+    result = run_entry_point("src.train", *TINY, "experiment=toy2d", "callbacks.sample_grid=null",
+                             f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "swd"
+    result = run_entry_point("src.eval", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "metric=swd",
+                             "num_samples=200", "progress=false", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["swd"] > summary["swd_real_floor"] > 0
+    # the wrong metric for the data is refused with a reason
+    result = run_entry_point("src.eval", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+                             "metric=fd_digits_classifier", "num_samples=4", f"hydra.run.dir={tmp_path / 'x'}",
+                             cwd=tmp_path)
+    assert result.returncode != 0 and "needs a model of the 8x8 digits data" in result.stderr
