@@ -22,6 +22,8 @@ METRICS = {
     "nll": "the variational bound in bits/dim on a data split",
     "fd_digits_classifier": "digits classifier-feature Fréchet distance of samples to the test split (no download)",
     "swd": "sliced Wasserstein distance of samples to fresh points of the true 2-D distribution",
+    "progressive": "predicted x0 along sampling chains as a grid (paper Fig. 6)",
+    "interpolation": "interpolation of test images in the diffused latent x_t (paper Fig. 8)",
 }
 
 
@@ -176,6 +178,45 @@ def evaluate_sample_quality(module, cfg: DictConfig, device: torch.device) -> di
     return summary
 
 
+def make_figure(module, cfg: DictConfig, device: torch.device, out_dir: Path) -> dict[str, float]:
+    """Progressive generation or interpolation, written as a grid PNG (rows: chains or pairs) and an npz."""
+    import numpy as np
+    from torchvision.utils import make_grid
+
+    from src.diffusion.paper_figures import interpolate, progressive_generation
+    from src.utils.images import save_png
+
+    if module.data_shape is None or len(module.data_shape) != 3:
+        raise ValueError(f"metric={cfg.metric} draws images; this checkpoint models data of shape {module.data_shape}")
+    T = module.diffusion.num_timesteps
+    rows = int(cfg.figure.rows)
+    if cfg.metric == "progressive":
+        every = max(1, T // int(cfg.figure.columns))
+        generator = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
+        frames, steps = progressive_generation(module.diffusion, module.net, (rows, *module.data_shape), every,
+                                               generator=generator, device=device,
+                                               clip_denoised=module.clip_denoised)
+        info = {"paper_timesteps": steps}
+    else:
+        datamodule = make_datamodule(module, cfg)
+        x, _ = next(iter(split_loader(datamodule, cfg.split)))
+        if len(x) < 2 * rows:
+            raise ValueError(f"the {cfg.split} split has {len(x)} images in a batch; interpolation needs {2 * rows}")
+        a, b = x[:rows].to(device), x[rows:2 * rows].to(device)
+        t = (int(cfg.figure.interp_t) if cfg.figure.interp_t is not None else T // 2) - 1
+        lambdas = torch.linspace(0, 1, int(cfg.figure.columns)).tolist()
+        mixed = interpolate(module.diffusion, module.net, a, b, t, lambdas, seed=int(cfg.seed),
+                            clip_denoised=module.clip_denoised)
+        frames = torch.cat([a[None], mixed, b[None]])  # originals at both ends of each row
+        info = {"lambdas": lambdas, "interp_t": t + 1}
+    grid = make_grid(frames.transpose(0, 1).flatten(0, 1).float().cpu().clamp(-1, 1), nrow=frames.shape[0],
+                     padding=1, normalize=True, value_range=(-1, 1))
+    save_png((grid * 255).round().to(torch.uint8), out_dir / f"{cfg.metric}.png")
+    np.savez(out_dir / f"{cfg.metric}.npz", frames=to_uint8(frames.cpu()).numpy())
+    log.info("%s grid (%d rows x %d columns) written to %s", cfg.metric, rows, frames.shape[0], out_dir)
+    return info
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.metric not in METRICS:
         raise ValueError(f"unknown metric {cfg.metric!r}: valid metrics are "
@@ -191,12 +232,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         summary = write_nll_outputs(result, out_dir)
         log.info("NLL on %s (%d images): %.4f bits/dim (decoder %.4f, prior %.2e)", cfg.split,
                  summary["num_images"], summary["nll_bpd"], summary["decoder_bpd"], summary["prior_bpd"])
+    elif cfg.metric in ("progressive", "interpolation"):
+        summary = make_figure(module, cfg, device, out_dir)
     else:
         summary = evaluate_sample_quality(module, cfg, device)
         summary["sampler"] = OmegaConf.to_container(cfg.sampler)
         log.info("%s: %s", cfg.metric, {k: v for k, v in summary.items() if k != "sampler"})
     summary |= {"metric": cfg.metric, "weights": cfg.weights, "ckpt_path": str(cfg.ckpt_path)}
-    if cfg.metric == "nll":
+    if cfg.metric in ("nll", "interpolation"):
         summary["split"] = cfg.split
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     log.info("outputs in %s", out_dir)

@@ -103,3 +103,21 @@ def test_swd_on_a_toy_model(tmp_path):
                              "metric=fd_digits_classifier", "num_samples=4", f"hydra.run.dir={tmp_path / 'x'}",
                              cwd=tmp_path)
     assert result.returncode != 0 and "needs a model of the 8x8 digits data" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("figure", ["progressive", "interpolation"])
+def test_paper_figures_through_the_entry_point(digits_checkpoint, tmp_path, figure):
+    import numpy as np
+
+    out = tmp_path / figure
+    result = run_entry_point("src.eval", f"ckpt_path={digits_checkpoint}", f"metric={figure}", "figure.rows=3",
+                             "figure.columns=5", "batch_size=8", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    frames = np.load(out / f"{figure}.npz")["frames"]
+    # progressive (T=50, every 10): paper t = 50, 41, 31, 21, 11, 1; interpolation: 5 lambdas + both ends
+    assert frames.shape == ((6 if figure == "progressive" else 7), 3, 1, 8, 8)
+    assert (out / f"{figure}.png").is_file()
+    summary = json.loads((out / "metrics.json").read_text())
+    if figure == "interpolation":
+        assert summary["interp_t"] == 25 and summary["lambdas"][0] == 0.0

@@ -184,11 +184,19 @@ class GaussianDiffusion:
     @torch.no_grad()
     def sample_progressive(self, model: Model, shape: tuple[int, ...], generator: torch.Generator | None = None,
                            device: torch.device | str | None = None, x_T: Tensor | None = None,
-                           clip_denoised: bool = True, progress: bool = False) -> Iterator[dict[str, Tensor]]:
-        """Run Algorithm 2 from x_T ~ N(0, I), yielding {"t", "sample", "pred_x0"} after every step."""
+                           clip_denoised: bool = True, progress: bool = False,
+                           start_t: int | None = None) -> Iterator[dict[str, Tensor]]:
+        """Run Algorithm 2 from x_T ~ N(0, I), yielding {"t", "sample", "pred_x0"} after every step.
+
+        With ``start_t=i`` the chain starts at code index i from ``x_T`` (then holding x_{i+1} in paper
+        terms, e.g. from ``q_sample(x0, i)``) and runs i+1 reverse steps: decoding in the paper's Fig. 8/9.
+        """
         device = torch.device(device) if device is not None else _model_device(model)
         x = x_T.to(device) if x_T is not None else randn(shape, generator=generator, device=device)
-        indices = range(self.num_timesteps - 1, -1, -1)
+        first = self.num_timesteps - 1 if start_t is None else int(start_t)
+        if not 0 <= first < self.num_timesteps:
+            raise ValueError(f"start_t must be in [0, {self.num_timesteps - 1}], got {start_t}")
+        indices = range(first, -1, -1)
         if progress:
             from tqdm.auto import tqdm
 
