@@ -121,3 +121,25 @@ def test_paper_figures_through_the_entry_point(digits_checkpoint, tmp_path, figu
     summary = json.loads((out / "metrics.json").read_text())
     if figure == "interpolation":
         assert summary["interp_t"] == 25 and summary["lambdas"][0] == 0.0
+
+
+@pytest.fixture(scope="module")
+def random_inception(tmp_path_factory):
+    from src.metrics.fidelity import make_random_inception_weights
+
+    return make_random_inception_weights(tmp_path_factory.mktemp("inception") / "random-inception.pth")
+
+
+@pytest.mark.slow
+def test_fid_through_the_entry_point(digits_checkpoint, random_inception, tmp_path):
+    """The whole FID pipeline with a random-weights Inception: the number is meaningless, the plumbing is real."""
+    out = tmp_path / "fid"
+    result = run_entry_point("src.eval", f"ckpt_path={digits_checkpoint}", "metric=fid", "num_samples=8",
+                             "sampler=ddim", "sampler.steps=3", "fid.metrics=[fid]", "fid.feature=64",
+                             "fid.reference=test", "fid.max_reference=16", f"fid.weights_path={random_inception}",
+                             f"fid.cache_dir={tmp_path / 'cache'}", "progress=false", f"hydra.run.dir={out}",
+                             cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "metrics.json").read_text())
+    assert math.isfinite(summary["fid"]) and summary["fid"] > 0 and summary["num_samples"] == 8
+    assert list((tmp_path / "cache").rglob("*"))  # reference statistics cached

@@ -66,10 +66,14 @@ def test_toy2d_run(tmp_path):
 @pytest.mark.slow
 def test_cifar10_paper_run_on_a_tiny_copy(tmp_path):
     """The paper's experiment (35.7M U-Net, W&B logger offline) on a generated cifar-10-batches-py."""
+    from src.metrics.fidelity import make_random_inception_weights
+
     write_fake_cifar10(tmp_path / "cifar")
+    inception = make_random_inception_weights(tmp_path / "random-inception.pth")
     run_dir = tmp_path / "cifar_run"
     result = run_entry_point(
         "src.train", "experiment=cifar10", *TINY, "logger=wandb", "logger.wandb.offline=true",
+        f"callbacks.fid.weights_path={inception}", "callbacks.fid.feature=64",
         f"data.data_dir={tmp_path / 'cifar'}", "data.download=false", "data.verify_checksums=false",
         "data.batch_size=4", "data.pin_memory=false", "callbacks.sample_grid.num_samples=2",
         f"hydra.run.dir={run_dir}", cwd=tmp_path, env={"WANDB_MODE": "offline"},

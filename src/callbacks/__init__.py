@@ -1,6 +1,7 @@
 """Training callbacks that are ours; checkpoints and LR monitoring come from Lightning."""
 
 from src.callbacks.ema import EMA
+from src.callbacks.fid import FIDCallback
 from src.callbacks.sample_grid import SampleGrid
 
-__all__ = ["EMA", "SampleGrid"]
+__all__ = ["EMA", "FIDCallback", "SampleGrid"]
