@@ -136,3 +136,21 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert ckpt["ddpm_config"]["trainer"]["strategy"] == "ddp"
     # rank zero alone writes the run folder: one final grid, one metrics file
     assert len(list((run_dir / "samples").glob("final-step=*.png"))) == 1
+
+
+@pytest.mark.slow
+def test_resume_from_last_checkpoint_continues_steps_and_ema(tmp_path):
+    """`ckpt_path=last` in the same run folder picks up optimizer, schedule, EMA and the step count."""
+    run_dir = tmp_path / "resume"
+    common = [*TINY, "callbacks.sample_grid=null", f"hydra.run.dir={run_dir}"]
+    first = run_entry_point("src.train", *common, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    second = run_entry_point("src.train", *common, "ckpt_path=last", "trainer.max_steps=8", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    after = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert before["global_step"] == 4 and after["global_step"] == 8
+    # the EMA kept averaging across the restart: 8 updates in all, not 4
+    assert int(before["averaging_state"]["n_averaged"]) == 4 and int(after["averaging_state"]["n_averaged"]) == 8
+    # the warm-up schedule continued rather than restarting
+    assert after["lr_schedulers"][0]["last_epoch"] == 8
