@@ -119,9 +119,9 @@ def _plot_terms(rows: list[dict[str, float]], path: Path) -> None:
     t = [r["t"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
     a.semilogy(t, [max(r["term_bpd"], 1e-12) for r in rows])
-    a.set_xlabel("t"); a.set_ylabel("L_{t-1} (bits/dim)"); a.set_title("per-timestep terms")
+    a.set(xlabel="t", ylabel="L_{t-1} (bits/dim)", title="per-timestep terms")
     b.plot([r["rate_bpd"] for r in rows], [r["distortion_rmse"] for r in rows])
-    b.set_xlabel("rate (bits/dim)"); b.set_ylabel("distortion (RMSE, [0,255])"); b.set_title("rate-distortion")
+    b.set(xlabel="rate (bits/dim)", ylabel="distortion (RMSE, [0,255])", title="rate-distortion")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

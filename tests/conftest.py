@@ -84,3 +84,15 @@ def write_fake_cifar10(root: Path, per_batch: int = 8) -> Path:
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": labels, "num_cases_per_batch": per_batch, "num_vis": 3072}, f, protocol=2)
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of many small sequential ops: two threads on two cores shared with
+    other processes spin against each other and run several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -20,14 +20,7 @@ from src.models.ddpm_module import DDPMModule
 from src.models.unet import UNet
 from src.utils.instantiate import instantiate_callbacks
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on 2 shared, busy cores two threads spin against each other, 3-10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

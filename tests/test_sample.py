@@ -19,14 +19,6 @@ from tests.conftest import TINY, compose_config, run_entry_point
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     """A T=50 digits checkpoint from four training steps of the real entry point (trained once per module)."""

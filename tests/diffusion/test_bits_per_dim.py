@@ -14,18 +14,12 @@ from src.diffusion import (
     mean_flat,
     normal_kl,
 )
+from tests.oracles import gaussian_eps_oracle
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LN2 = math.log(2.0)
 CENTRES = torch.arange(256, dtype=torch.float64) / 127.5 - 1.0  # the 8-bit grid on [-1, 1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors and 1000 sequential steps: extra threads only add contention on a shared CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def exact_cdf(x):
@@ -147,15 +141,6 @@ def quantized_probs(m=M, s=S):
 def sample_quantized(n, generator, m=M, s=S):
     x = torch.randn(n, generator=generator, dtype=torch.float64) * s + m
     return torch.round((x + 1) * 127.5).clamp(0, 255).long()
-
-
-def gaussian_eps_oracle(diffusion, m, s):
-    """E[eps | x_t] for x0 ~ N(m, s^2) (before quantization): the Bayes-optimal epsilon-predictor."""
-    def model(x_t, t):
-        abar = diffusion.alphas_cumprod[t].to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
-        var_t = abar * s**2 + 1 - abar
-        return (1 - abar).sqrt() * (x_t - abar.sqrt() * m) / var_t
-    return model
 
 
 def expected_terms(variance, probs, m=M, s=S):

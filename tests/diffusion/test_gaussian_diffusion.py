@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from src.diffusion import GaussianDiffusion, create_diffusion, make_beta_schedule
+from tests.oracles import gaussian_eps_oracle
 
 
 @pytest.fixture(scope="module")
@@ -99,15 +100,6 @@ def test_clip_denoised_bounds_pred_x0(diffusion):
     t = torch.tensor([999, 999])
     out = diffusion.p_mean_variance(lambda x, tt: -torch.ones_like(x), x_t, t, clip_denoised=True)
     assert out["pred_x0"].abs().max().item() <= 1.0
-
-
-def gaussian_eps_oracle(diffusion, m, s):
-    """Exact E[eps | x_t] for x0 ~ N(m, s^2): the Bayes-optimal epsilon-predictor."""
-    def model(x_t, t):
-        abar = diffusion.alphas_cumprod[t].to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
-        var_t = abar * s**2 + 1 - abar
-        return (1 - abar).sqrt() * (x_t - abar.sqrt() * m) / var_t
-    return model
 
 
 @pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])

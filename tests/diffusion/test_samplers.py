@@ -14,6 +14,7 @@ from src.diffusion.samplers import (
     respace,
     space_timesteps,
 )
+from tests.oracles import gaussian_eps_oracle
 
 
 def linear_model(shape, num_timesteps, seed=0):
@@ -27,14 +28,6 @@ def linear_model(shape, num_timesteps, seed=0):
         flat = x.flatten(1)
         return (flat @ a + 0.5 * flat + (t.to(x.dtype) / num_timesteps)[:, None] * b).view_as(x)
 
-    return model
-
-
-def gaussian_eps_oracle(diffusion, m, s):
-    """Exact E[eps | x_t] for x0 ~ N(m, s^2), indexed by original 0-based t."""
-    def model(x_t, t):
-        abar = diffusion.alphas_cumprod[t].to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
-        return (1 - abar).sqrt() * (x_t - abar.sqrt() * m) / (abar * s**2 + 1 - abar)
     return model
 
 

@@ -23,17 +23,10 @@ from src.metrics.fidelity import (
     resolve_inception_weights,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 N, SIZE = 8, 32
 QUICK = 64  # Inception width for the tests beyond the first: 2048-d FIDs cost ~10 s each on 2 busy cores
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on 2 shared, busy cores two threads spin against each other, 3-10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def noise_images(seed: int = 0) -> np.ndarray:
