@@ -7,8 +7,10 @@ import json
 import logging
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import hydra
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -131,8 +133,6 @@ def get_samples(module, cfg: DictConfig, device: torch.device) -> tuple[torch.Te
     """Samples in [-1, 1] (N, *data_shape): read from ``samples_path`` (an npz of src.sample) or drawn now."""
     import time
 
-    import numpy as np
-
     from src.sample import draw, make_sampler
 
     if cfg.get("samples_path"):
@@ -181,7 +181,6 @@ def evaluate_sample_quality(module, cfg: DictConfig, device: torch.device) -> di
 
 def make_figure(module, cfg: DictConfig, device: torch.device, out_dir: Path) -> dict[str, float]:
     """Progressive generation or interpolation, written as a grid PNG (rows: chains or pairs) and an npz."""
-    import numpy as np
     from torchvision.utils import make_grid
 
     from src.diffusion.paper_figures import interpolate, progressive_generation
@@ -273,8 +272,32 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.metric in ("nll", "interpolation"):
         summary["split"] = cfg.split
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    send_to_loggers(cfg, summary, out_dir)
     log.info("outputs in %s", out_dir)
     return summary
+
+
+def send_to_loggers(cfg: DictConfig, summary: dict, out_dir: Path) -> None:
+    """Log the numbers (as ``eval/<name>``) and the figures written to ``out_dir`` to the configured loggers."""
+    from PIL import Image
+
+    from src.train import finish_wandb, log_hyperparams
+    from src.utils.images import log_image
+    from src.utils.instantiate import instantiate_loggers
+
+    loggers = instantiate_loggers(cfg.get("logger"))
+    if not loggers:
+        return
+    numbers = {f"eval/{k}": float(v) for k, v in summary.items()
+               if isinstance(v, int | float) and not isinstance(v, bool) and v is not None}
+    for logger in loggers:
+        log_hyperparams(logger, OmegaConf.to_container(cfg, resolve=True))
+        logger.log_metrics(numbers, step=0)
+        for png in sorted(out_dir.glob("*.png")):
+            image = torch.from_numpy(np.asarray(Image.open(png).convert("RGB"))).permute(2, 0, 1)
+            log_image([logger], f"eval/{png.stem}", image, step=0)
+        logger.save()
+    finish_wandb(SimpleNamespace(loggers=loggers))
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval.yaml")

@@ -47,7 +47,7 @@ def digits_checkpoint(tmp_path_factory):
 def test_nll_through_the_entry_point(digits_checkpoint, tmp_path):
     out = tmp_path / "eval"
     result = run_entry_point("src.eval", f"ckpt_path={digits_checkpoint}", "metric=nll", "num_batches=1",
-                             "batch_size=16", "progress=false", f"hydra.run.dir={out}", cwd=tmp_path)
+                             "batch_size=16", "progress=false", "logger=csv", f"hydra.run.dir={out}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["num_images"] == 16 and summary["split"] == "test"
@@ -59,6 +59,8 @@ def test_nll_through_the_entry_point(digits_checkpoint, tmp_path):
     assert len(rows) == 50  # T = 50 in the tiny run
     assert float(rows[0]["term_bpd"]) == pytest.approx(summary["decoder_bpd"], rel=1e-6)
     assert (out / "nll_terms.png").is_file()
+    logged = (out / "csv" / "metrics.csv").read_text()
+    assert "eval/nll_bpd" in logged and "eval/decoder_bpd" in logged
 
 
 @pytest.mark.slow
@@ -112,7 +114,8 @@ def test_paper_figures_through_the_entry_point(digits_checkpoint, tmp_path, figu
 
     out = tmp_path / figure
     result = run_entry_point("src.eval", f"ckpt_path={digits_checkpoint}", f"metric={figure}", "figure.rows=3",
-                             "figure.columns=5", "batch_size=8", f"hydra.run.dir={out}", cwd=tmp_path)
+                             "figure.columns=5", "batch_size=8", "logger=tensorboard", f"hydra.run.dir={out}",
+                             cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     frames = np.load(out / f"{figure}.npz")["frames"]
     # progressive (T=50, every 10): paper t = 50, 41, 31, 21, 11, 1; interpolation: 5 lambdas + both ends
@@ -121,6 +124,12 @@ def test_paper_figures_through_the_entry_point(digits_checkpoint, tmp_path, figu
     summary = json.loads((out / "metrics.json").read_text())
     if figure == "interpolation":
         assert summary["interp_t"] == 25 and summary["lambdas"][0] == 0.0
+    # the figure also went to the active logger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert f"eval/{figure}" in events.Tags()["images"]
 
 
 @pytest.fixture(scope="module")
