@@ -154,3 +154,17 @@ def test_resume_from_last_checkpoint_continues_steps_and_ema(tmp_path):
     assert int(before["averaging_state"]["n_averaged"]) == 4 and int(after["averaging_state"]["n_averaged"]) == 8
     # the warm-up schedule continued rather than restarting
     assert after["lr_schedulers"][0]["last_epoch"] == 8
+
+
+@pytest.mark.slow
+def test_named_sweep_runs_the_schedule_by_variance_grid(tmp_path):
+    sweep_dir = tmp_path / "grid"
+    result = run_entry_point("src.train", "+sweep=schedule_x_variance", *TINY, "callbacks.sample_grid=null",
+                             "trainer.max_steps=2", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    combos = set()
+    for job in range(4):
+        config = yaml.safe_load((sweep_dir / str(job) / ".hydra" / "config.yaml").read_text())
+        combos.add((config["diffusion"]["schedule"], config["diffusion"]["variance"]))
+        assert (sweep_dir / str(job) / "checkpoints" / "last.ckpt").is_file()
+    assert combos == {(s, v) for s in ("linear", "cosine") for v in ("fixed_large", "fixed_small")}
