@@ -129,10 +129,19 @@ def test_foreign_files_are_rejected_clearly(tmp_path):
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(tmp_path):
     """trainer=ddp with two CPU processes (gloo) through the real entry point."""
+    from src.metrics.fidelity import make_random_inception_weights
+
+    inception = make_random_inception_weights(tmp_path / "random-inception.pth")
     run_dir = tmp_path / "ddp"
+    # two steps make an epoch, so validation runs and the FID callback samples on both ranks
     result = run_entry_point("src.train", *TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                             "callbacks.sample_grid.num_samples=2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+                             "trainer.limit_train_batches=2", "callbacks=[default,fid]", "callbacks.fid.every_n_epochs=1",
+                             "callbacks.fid.num_samples=4", "callbacks.fid.batch_size=2", "callbacks.fid.feature=64",
+                             f"callbacks.fid.weights_path={inception}", "callbacks.sample_grid.num_samples=2",
+                             f"hydra.run.dir={run_dir}", cwd=tmp_path)
     ckpt = assert_complete_run(run_dir, result)
+    fids = [float(r["val/fid"]) for r in read_metrics(run_dir) if r.get("val/fid")]
+    assert fids and all(math.isfinite(f) and f > 0 for f in fids)
     assert ckpt["ddpm_config"]["trainer"]["strategy"] == "ddp"
     # rank zero alone writes the run folder: one final grid, one metrics file
     assert len(list((run_dir / "samples").glob("final-step=*.png"))) == 1
