@@ -135,8 +135,9 @@ def test_two_process_ddp_on_cpu(tmp_path):
     run_dir = tmp_path / "ddp"
     # two steps make an epoch, so validation runs and the FID callback samples on both ranks
     result = run_entry_point("src.train", *TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                             "trainer.limit_train_batches=2", "callbacks=[default,fid]", "callbacks.fid.every_n_epochs=1",
-                             "callbacks.fid.num_samples=4", "callbacks.fid.batch_size=2", "callbacks.fid.feature=64",
+                             "trainer.limit_train_batches=2", "callbacks=[default,fid]",
+                             "callbacks.fid.every_n_epochs=1", "callbacks.fid.num_samples=4",
+                             "callbacks.fid.batch_size=2", "callbacks.fid.feature=64",
                              f"callbacks.fid.weights_path={inception}", "callbacks.sample_grid.num_samples=2",
                              f"hydra.run.dir={run_dir}", cwd=tmp_path)
     ckpt = assert_complete_run(run_dir, result)
