@@ -2,6 +2,7 @@
 
 from src.callbacks.ema import EMA
 from src.callbacks.fid import FIDCallback
+from src.callbacks.last_checkpoint import LastCheckpointOnTrainEnd
 from src.callbacks.sample_grid import SampleGrid
 
-__all__ = ["EMA", "FIDCallback", "SampleGrid"]
+__all__ = ["EMA", "FIDCallback", "LastCheckpointOnTrainEnd", "SampleGrid"]

@@ -12,7 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 # Label used for examples without a class.
 UNLABELED = -1
@@ -104,6 +104,29 @@ class TransformedSubset(Dataset):
         return x, y
 
 
+class EpochSeededSampler(Sampler[int]):
+    """Random order drawn from (seed, epoch), so any epoch's order can be replayed, and a resumed run can
+    skip the examples its epoch already used (``skip``, consumed by the next iteration)."""
+
+    def __init__(self, num_examples: int, seed: int = 0) -> None:
+        self.num_examples = num_examples
+        self.seed = seed
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this before every epoch
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_examples, generator=g).tolist()
+        start, self.skip = self.skip, 0
+        yield from order[start:]
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+
 class BaseDataModule(L.LightningDataModule):
     """Common arguments, validation and DataLoader construction.
 
@@ -156,7 +179,9 @@ class BaseDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            # own generators, never the global RNG: a resumed run then draws the same noise as an unbroken one
+            sampler=EpochSeededSampler(n, self.seed) if train else None,
+            generator=torch.Generator().manual_seed(self.seed),
             # Dropping the ragged last batch keeps batch statistics even, but only if a full batch exists.
             drop_last=train and n >= self.batch_size,
             num_workers=self.num_workers,

@@ -20,6 +20,7 @@ from src.data import (
     Toy2DDataModule,
     scale_to_unit_range,
 )
+from src.data.base import EpochSeededSampler
 
 # --------------------------------------------------------------------------------------------
 # Helpers and fixtures
@@ -222,8 +223,29 @@ def test_dataloader_flags():
     dm.setup("fit")
     train, val = dm.train_dataloader(), dm.val_dataloader()
     assert train.drop_last is True and train.persistent_workers is True
-    assert isinstance(train.sampler, torch.utils.data.RandomSampler)
+    assert isinstance(train.sampler, EpochSeededSampler)
     assert isinstance(val.sampler, torch.utils.data.SequentialSampler) and val.drop_last is False
+
+
+def test_epoch_seeded_sampler_replays_and_skips():
+    sampler = EpochSeededSampler(10, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(10)) and list(sampler) == first  # a permutation, replayable
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert sorted(second) == list(range(10)) and second != first
+    sampler.skip = 4  # a resumed epoch continues where it stopped, once
+    assert list(sampler) == second[4:] and list(sampler) == second
+    assert list(EpochSeededSampler(10, seed=4)) != first
+
+
+def test_loaders_leave_the_global_rng_alone():
+    dm = DigitsDataModule(batch_size=32)
+    dm.setup("fit")
+    state = torch.get_rng_state()
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        next(iter(loader))
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_dataloader_before_setup_raises():
