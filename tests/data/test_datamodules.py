@@ -405,6 +405,7 @@ def test_cifar10_extracts_archive(tmp_path: Path):
         tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
     dm = CIFAR10DataModule(data_dir=data_dir, batch_size=4, download=False, verify_checksums=False)
     dm.prepare_data()
+    assert (data_dir / "cifar-10-batches-py" / "data_batch_1").is_file()  # unpacked beside the archive
     dm.setup("fit")
     check_batch(next(iter(dm.train_dataloader())), (3, 32, 32), 4)
 
