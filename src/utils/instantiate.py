@@ -37,22 +37,21 @@ def instantiate_callbacks(callbacks_cfg: DictConfig | None) -> list[L.Callback]:
     Lightning calls callback hooks in list order; the EMA callback swaps the raw weights back at the end of
     validation, so callbacks that sample at that hook must run before it to see the averaged weights.
     """
-    callbacks: list[L.Callback] = []
-    for name, cb_cfg in (callbacks_cfg or {}).items():
-        if cb_cfg is None:
-            continue
-        if not isinstance(cb_cfg, DictConfig) or "_target_" not in cb_cfg:
-            raise ValueError(f"callbacks.{name} needs a _target_ (or null to disable it)")
-        callbacks.append(instantiate(cb_cfg))
+    callbacks = _instantiate_group(callbacks_cfg, "callbacks")
     return sorted(callbacks, key=lambda cb: isinstance(cb, WeightAveraging))
 
 
 def instantiate_loggers(logger_cfg: DictConfig | None) -> list[Logger]:
-    loggers: list[Logger] = []
-    for name, lg_cfg in (logger_cfg or {}).items():
-        if lg_cfg is None:
+    return _instantiate_group(logger_cfg, "logger")
+
+
+def _instantiate_group(group_cfg: DictConfig | None, group: str) -> list:
+    """Instantiate each entry of a dict-like config group; entries set to null are skipped."""
+    objects = []
+    for name, entry in (group_cfg or {}).items():
+        if entry is None:
             continue
-        if not isinstance(lg_cfg, DictConfig) or "_target_" not in lg_cfg:
-            raise ValueError(f"logger.{name} needs a _target_ (or null to disable it)")
-        loggers.append(instantiate(lg_cfg))
-    return loggers
+        if not isinstance(entry, DictConfig) or "_target_" not in entry:
+            raise ValueError(f"{group}.{name} needs a _target_ (or null to disable it)")
+        objects.append(instantiate(entry))
+    return objects
