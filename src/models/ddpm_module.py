@@ -69,7 +69,7 @@ class DDPMModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0 = batch[0]
         t = self.diffusion.sample_timesteps(x0.shape[0], x0.device)
-        losses = self.diffusion.training_losses(self.net, x0, t)
+        losses = self.diffusion.training_losses(self.model_for_batch(batch, train=True), x0, t)
         loss = losses.mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -84,19 +84,24 @@ class DDPMModule(L.LightningModule):
             self.log(f"train/loss_q{q + 1}", metric, on_step=False, on_epoch=True)
         return loss
 
-    def _fixed_noise_loss(self, x0: Tensor, batch_idx: int) -> Tensor:
+    def model_for_batch(self, batch: tuple[Tensor, ...], train: bool) -> Callable[[Tensor, Tensor], Tensor]:
+        """The backbone as the diffusion math calls it, ``model(x_t, t)``, for this batch."""
+        return self.net
+
+    def _fixed_noise_loss(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        x0 = batch[0]
         # Same t and noise for a given batch index every time, so evaluation losses are comparable.
         g = torch.Generator(device="cpu").manual_seed(1_000_003 * (batch_idx + 1))
         t = self.diffusion.sample_timesteps(x0.shape[0], x0.device, generator=g)
         noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
-        return self.diffusion.training_losses(self.net, x0, t, noise).mean()
+        return self.diffusion.training_losses(self.model_for_batch(batch, train=False), x0, t, noise).mean()
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        loss = self._fixed_noise_loss(batch[0], batch_idx)
+        loss = self._fixed_noise_loss(batch, batch_idx)
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=batch[0].shape[0])
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        loss = self._fixed_noise_loss(batch[0], batch_idx)
+        loss = self._fixed_noise_loss(batch, batch_idx)
         self.log("test/loss", loss, on_epoch=True, sync_dist=True, batch_size=batch[0].shape[0])
 
     # ------------------------------------------------------------ sampling
