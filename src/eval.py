@@ -144,7 +144,7 @@ def get_samples(module, cfg: DictConfig, device: torch.device) -> tuple[torch.Te
     generator = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
     start = time.perf_counter()
     samples = draw(module, sampler, int(cfg.num_samples), int(cfg.sample_batch_size), generator, device,
-                   progress=bool(cfg.progress))
+                   progress=bool(cfg.progress), precision=str(cfg.get("precision", "fp32")))
     seconds = time.perf_counter() - start
     if module.clip_denoised:
         samples = samples.clamp(-1, 1)

@@ -7,6 +7,11 @@ Writes into the run folder (`outputs/sample/runs/<time>/` by default):
 - images: `samples/000000.png ...` (one PNG per sample), `samples.npz` (key `samples`, uint8 N x H x W x C,
   the layout FID tools expect) and `grid.png` (the first samples);
 - 2-D points (data shape (D,)): `samples.npz` (key `samples`, float32 N x D) and `scatter.png`.
+
+Class-conditional checkpoints (trained with `conditional=true`): `class_label=3` draws class 3 only, null cycles
+through all classes (sample i has class i mod K; grid.png then shows one class per column), and
+`guidance_scale=s` applies classifier-free guidance (1: plain conditional; see src/diffusion/guidance.py). The
+labels are saved in `samples.npz` under `labels` (int64, N).
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
+from src.diffusion.guidance import conditional_model
 from src.diffusion.samplers import SAMPLERS, resolve_timesteps
 from src.models.ddpm_module import DDPMModule
 from src.utils.checkpoint import load_module
 from src.utils.images import image_grid, save_png, scatter_image, to_uint8
+from src.utils.precision import network_precision, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +76,14 @@ def make_sampler(sampler_cfg: DictConfig, num_timesteps: int) -> Callable[..., T
 
 
 def draw(module: DDPMModule, sampler: Callable[..., Tensor], num_samples: int, batch_size: int,
-         generator: torch.Generator, device: torch.device, progress: bool = False) -> Tensor:
-    """Draw ``num_samples`` in batches of ``batch_size``; returns them on the CPU as (N, *data_shape)."""
+         generator: torch.Generator, device: torch.device, progress: bool = False, labels: Tensor | None = None,
+         guidance_scale: float = 1.0, precision: str = "fp32") -> Tensor:
+    """Draw ``num_samples`` in batches of ``batch_size``; returns them on the CPU as (N, *data_shape).
+
+    ``labels`` (N,): class labels for a conditional model, sampled with classifier-free guidance scale
+    ``guidance_scale`` (None: the model as it is, unconditional). ``precision``: the network's precision
+    (``fp32``, ``bf16`` autocast, or ``auto``; see ``src.utils.precision``).
+    """
     if module.data_shape is None:
         raise RuntimeError("the checkpoint does not record the data shape (ddpm_data_shape); re-save it with "
                            "`python -m src.train`")
@@ -81,9 +94,12 @@ def draw(module: DDPMModule, sampler: Callable[..., Tensor], num_samples: int, b
 
         bar = tqdm(total=num_samples, desc="samples", unit="sample")
     out = []
-    for n in batches:
-        x = sampler(module.diffusion, module.net, (n, *module.data_shape), generator=generator,
-                    progress=progress, clip_denoised=module.clip_denoised, device=device)
+    for start, n in zip(range(0, num_samples, batch_size), batches, strict=True):
+        batch_labels = None if labels is None else labels[start:start + n].to(device)
+        model = conditional_model(module.net, batch_labels, guidance_scale)
+        with network_precision(precision, device):
+            x = sampler(module.diffusion, model, (n, *module.data_shape), generator=generator,
+                        progress=progress, clip_denoised=module.clip_denoised, device=device)
         out.append(x.float().cpu())
         if bar is not None:
             bar.update(n)
@@ -107,23 +123,48 @@ def _reference_points(module: DDPMModule, n: int, seed: int) -> Tensor | None:
         return None
 
 
-def write_samples(samples: Tensor, out_dir: Path, module: DDPMModule, seed: int = 0) -> Path:
-    """Write the samples (N, C, H, W) or (N, D) as described in the module docstring; returns the npz path."""
+def write_samples(samples: Tensor, out_dir: Path, module: DDPMModule, seed: int = 0, labels: Tensor | None = None,
+                  grid_nrow: int | None = None) -> Path:
+    """Write the samples (N, C, H, W) or (N, D) as described in the module docstring; returns the npz path.
+
+    ``labels`` (N,), for conditional samples, go into the npz as ``labels``; ``grid_nrow`` is the number of
+    images per row of grid.png (default: a square).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     npz = out_dir / "samples.npz"
+    extra = {} if labels is None else {"labels": labels.cpu().numpy().astype(np.int64)}
     if samples.dim() == 2:
-        np.savez(npz, samples=samples.numpy().astype(np.float32))
+        np.savez(npz, samples=samples.numpy().astype(np.float32), **extra)
         if samples.shape[1] == 2:
             reference = _reference_points(module, max(len(samples), 1000), seed)
             image = scatter_image(samples, reference, title=f"{len(samples)} samples")
             save_png(image, out_dir / "scatter.png")
         return npz
     images = to_uint8(samples)  # (N, C, H, W); clips to [-1, 1]
-    np.savez(npz, samples=images.permute(0, 2, 3, 1).contiguous().numpy())
+    np.savez(npz, samples=images.permute(0, 2, 3, 1).contiguous().numpy(), **extra)
     for i, image in enumerate(images):
         save_png(image, out_dir / "samples" / f"{i:06d}.png")
-    save_png(image_grid(samples[:GRID_MAX]), out_dir / "grid.png")
+    save_png(image_grid(samples[:GRID_MAX], nrow=grid_nrow), out_dir / "grid.png")
     return npz
+
+
+def sampling_labels(cfg: DictConfig, module: DDPMModule, num_samples: int) -> Tensor | None:
+    """The class labels to sample with (``cfg.class_label``), or None for an unconditional checkpoint."""
+    class_label = cfg.get("class_label")
+    guidance_scale = float(cfg.get("guidance_scale", 1.0))
+    num_classes = getattr(module.net, "num_classes", None)
+    if num_classes is None:
+        for key, value, default in (("class_label", class_label, None), ("guidance_scale", guidance_scale, 1.0)):
+            if value != default:
+                raise ValueError(f"{key}={value} needs a class-conditional checkpoint, but {cfg.ckpt_path} is "
+                                 f"unconditional (trained without conditional=true): drop {key}")
+        return None
+    if class_label is None:
+        return torch.arange(num_samples) % num_classes  # every class in turn
+    if isinstance(class_label, bool) or not isinstance(class_label, int) or not 0 <= class_label < num_classes:
+        raise ValueError(f"class_label={class_label!r} is not a class of this checkpoint: use an int in "
+                         f"[0, {num_classes - 1}], or null for all classes in turn")
+    return torch.full((num_samples,), class_label, dtype=torch.long)
 
 
 def sample(cfg: DictConfig) -> Path:
@@ -139,11 +180,21 @@ def sample(cfg: DictConfig) -> Path:
              module.data_shape, diffusion, OmegaConf.to_container(cfg.sampler), device)
     # one CPU generator seeded once: samples depend on seed and batch_size, not on the device
     generator = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
+    labels = sampling_labels(cfg, module, int(cfg.num_samples))
+    guidance_scale = float(cfg.get("guidance_scale", 1.0))
+    if labels is not None:
+        log.info("class-conditional: %s, guidance_scale %s",
+                 "all classes in turn" if cfg.get("class_label") is None else f"class {cfg.class_label}",
+                 guidance_scale)
+    precision = str(cfg.get("precision", "fp32"))
+    log.info("network precision: %s (precision=%s)", resolve_precision(precision, device), precision)
     samples = draw(module, sampler, int(cfg.num_samples), int(cfg.batch_size), generator, device,
-                   progress=bool(cfg.progress))
+                   progress=bool(cfg.progress), labels=labels, guidance_scale=guidance_scale, precision=precision)
     if module.clip_denoised:
         samples = samples.clamp(-1.0, 1.0)  # bounded data (images): the same range the reference code writes
-    npz = write_samples(samples, Path(cfg.paths.output_dir), module, seed=int(cfg.seed))
+    cycled = labels is not None and cfg.get("class_label") is None
+    npz = write_samples(samples, Path(cfg.paths.output_dir), module, seed=int(cfg.seed), labels=labels,
+                        grid_nrow=int(module.net.num_classes) if cycled else None)
     log.info("%d samples written to %s", len(samples), npz)
     return npz
 

@@ -24,11 +24,19 @@ class SampleGrid(L.Callback):
         every_n_epochs: epoch interval; sampling needs a validation run in that epoch.
         seed: the same seed every time, so grids show the same chains as training proceeds.
         dirpath: folder for the PNGs (default: ``<trainer.default_root_dir>/samples``).
+        guidance_scale: class-conditional models only: classifier-free guidance scale s (1: plain conditional,
+            0: unconditional). Their grids have one row per class (row k = class k), with ``num_samples``
+            rounded to a multiple of the number of classes (at least one sample per class).
     """
 
-    def __init__(self, num_samples: int = 64, every_n_epochs: int = 1, seed: int = 0, dirpath: str | None = None):
+    def __init__(self, num_samples: int = 64, every_n_epochs: int = 1, seed: int = 0, dirpath: str | None = None,
+                 guidance_scale: float = 1.0):
         if num_samples < 1 or every_n_epochs < 1:
             raise ValueError("callbacks.sample_grid.num_samples and every_n_epochs must be >= 1")
+        if not float(guidance_scale) >= 0:
+            raise ValueError(f"callbacks.sample_grid.guidance_scale must be >= 0 (1: plain conditional), got "
+                             f"{guidance_scale}")
+        self.guidance_scale = float(guidance_scale)
         self.num_samples = num_samples
         self.every_n_epochs = every_n_epochs
         self.seed = seed
@@ -46,7 +54,15 @@ class SampleGrid(L.Callback):
     @rank_zero_only
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        samples = pl_module.sample(self.num_samples, generator=generator).cpu()
+        num_classes = getattr(pl_module.net, "num_classes", None)
+        per_row = None
+        if num_classes is None:
+            samples = pl_module.sample(self.num_samples, generator=generator).cpu()
+        else:
+            per_row = max(1, round(self.num_samples / num_classes))
+            labels = torch.arange(num_classes).repeat_interleave(per_row)  # row k of the grid: class k
+            samples = pl_module.sample(len(labels), generator=generator, class_labels=labels,
+                                       guidance_scale=self.guidance_scale).cpu()
         if samples.dim() == 2:
             datamodule = trainer.datamodule
             reference = None
@@ -54,7 +70,7 @@ class SampleGrid(L.Callback):
                 reference = datamodule.sample_reference(max(self.num_samples, 1000), seed=self.seed)
             image = scatter_image(samples, reference, title=f"step {trainer.global_step}")
         else:
-            image = image_grid(samples)
+            image = image_grid(samples, nrow=per_row)
         folder = Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "samples"
         self.last_path = save_png(image, folder / f"{name}.png")
         log_image(trainer.loggers, "samples", image, trainer.global_step)

@@ -4,7 +4,8 @@ Conventions:
 - ``t`` is a LongTensor of shape (B,) holding 0-based indices in [0, T-1]; paper timestep = index + 1.
   Index 0 is the decoder step: it gets no noise when sampling, and alpha-bar_prev[0] = 1.
 - Every coefficient is precomputed in float64 and cast to the data's dtype when gathered.
-- Models are called as ``model(x_t, t)`` and predict epsilon (the paper's parameterization).
+- Models are called as ``model(x_t, t)`` and predict epsilon (the paper's parameterization), x0, the
+  posterior mean or v; with a learned variance they return twice the data's channels (dim 1).
 """
 
 from __future__ import annotations
@@ -19,11 +20,39 @@ from src.diffusion.losses import discretized_gaussian_log_likelihood, mean_flat,
 
 Model = Callable[[Tensor, Tensor], Tensor]
 
-# Reverse-process variance sigma_t^2 (paper §3.2); both are upper/lower bounds on the reverse entropy.
+# Reverse-process variance sigma_t^2 (paper §3.2, SPEC §2.2). The fixed ones bound the reverse entropy from above
+# (beta_t) and below (tilde-beta_t); the learned ones take a second set of C output channels from the network.
 VARIANCES = {
     "fixed_large": "sigma_t^2 = beta_t, with beta_1 replaced by tilde-beta_2 (the reference code's decoder detail)",
     "fixed_small": "sigma_t^2 = tilde-beta_t, the posterior variance, log clipped at t=1 to log tilde-beta_2",
+    "learned": "log sigma_t^2 is the network's second set of C output channels, unconstrained (the paper's "
+               "learned diagonal Sigma)",
+    "learned_range": "log sigma_t^2 = f log beta_t + (1 - f) log tilde-beta_t with f = (v + 1) / 2 and v the "
+                     "network's second set of C output channels (improved DDPM)",
 }
+LEARNED_VARIANCES = ("learned", "learned_range")
+
+# What the network predicts (SPEC §2.1); `_predictions` turns each into a predicted x0 and the posterior mean.
+PARAMETERIZATIONS = {
+    "eps": "the noise epsilon (the paper's choice)",
+    "x0": "the clean data x_0",
+    "mean": "the posterior mean mu-tilde(x_t, x_0) itself (the paper's mu-tilde baseline, Table 2)",
+    "v": "v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (velocity; Salimans & Ho 2022)",
+}
+
+# Training objectives (SPEC §3.1-3.2, §2.2 hybrid).
+OBJECTIVES = {
+    "simple": "unweighted MSE to the parameterization's target (L_simple for eps, eq. 14)",
+    "vlb": "the true bound: the KL term at the sampled t in bits/dim, the decoder NLL at t=0 (reference 'kl' loss)",
+    "hybrid": "simple + hybrid_weight * T * the bound term with the mean frozen, training the variance "
+              "(improved DDPM's L_hybrid, lambda = 0.001)",
+}
+
+
+def _check_choice(kind: str, value: str, valid: dict[str, str]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {kind} {value!r} (diffusion.{kind}): valid values are "
+                         + "; ".join(f"{k} ({v})" for k, v in valid.items()))
 
 
 class GaussianDiffusion:
@@ -31,19 +60,39 @@ class GaussianDiffusion:
 
     Args:
         betas: (T,) tensor of beta_1..beta_T, e.g. from ``make_beta_schedule``.
-        variance: ``"fixed_large"`` (sigma_t^2 = beta_t) or ``"fixed_small"`` (sigma_t^2 = tilde-beta_t).
+        variance: reverse-process variance, a key of ``VARIANCES`` (``fixed_large``: sigma_t^2 = beta_t;
+            ``fixed_small``: sigma_t^2 = tilde-beta_t; ``learned``/``learned_range``: from the network).
+        parameterization: what the network predicts, a key of ``PARAMETERIZATIONS`` (``eps``, ``x0``, ``mean``,
+            ``v``).
+        objective: the training loss, a key of ``OBJECTIVES`` (``simple``, ``vlb``, ``hybrid``).
+        hybrid_weight: lambda of the hybrid objective (the bound term enters as lambda * T * L_t).
     """
 
-    def __init__(self, betas: Tensor, variance: str = "fixed_large"):
-        if variance not in VARIANCES:
+    def __init__(self, betas: Tensor, variance: str = "fixed_large", parameterization: str = "eps",
+                 objective: str = "simple", hybrid_weight: float = 0.001):
+        _check_choice("variance", variance, VARIANCES)
+        _check_choice("parameterization", parameterization, PARAMETERIZATIONS)
+        _check_choice("objective", objective, OBJECTIVES)
+        learned = variance in LEARNED_VARIANCES
+        if learned and objective == "simple":
             raise ValueError(
-                f"unknown reverse-process variance {variance!r} (diffusion.variance): valid values are "
-                + "; ".join(f"{k} ({v})" for k, v in VARIANCES.items())
-            )
+                f"diffusion.variance={variance} with diffusion.objective=simple: the MSE gives the variance "
+                "channels no gradient, so they would stay untrained; use diffusion/objective=hybrid (improved "
+                "DDPM) or vlb, or a fixed variance (fixed_large, fixed_small)")
+        if not learned and objective == "hybrid":
+            raise ValueError(
+                f"diffusion.objective=hybrid adds the bound with the mean frozen, which only trains a learned "
+                f"variance; with diffusion.variance={variance} it is objective=simple plus a constant: use "
+                "diffusion/variance=learned_range (or learned), or diffusion/objective=simple")
+        if hybrid_weight < 0:
+            raise ValueError(f"diffusion.hybrid_weight must be >= 0, got {hybrid_weight}")
         betas = torch.as_tensor(betas, dtype=torch.float64).flatten().cpu()
         if betas.numel() < 2 or not bool(((betas > 0) & (betas <= 1)).all()):
             raise ValueError("betas must be a 1-D schedule of at least 2 values in (0, 1]")
         self.variance = variance
+        self.parameterization = parameterization
+        self.objective = objective
+        self.hybrid_weight = float(hybrid_weight)
         self.num_timesteps = int(betas.numel())
 
         alphas = 1.0 - betas
@@ -53,16 +102,18 @@ class GaussianDiffusion:
         # tilde-beta_1 = 0: its log would be -inf, so entry 0 takes entry 1 (reference code).
         posterior_log_variance_clipped = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
 
-        if variance == "fixed_large":
-            # beta_t, except at t=1 where tilde-beta_2 gives a better decoder likelihood (reference code).
-            model_variance = torch.cat([posterior_variance[1:2], betas[1:]])
-            model_log_variance = torch.log(model_variance)
-        else:
+        if variance == "fixed_small":
             model_variance = posterior_variance
             model_log_variance = posterior_log_variance_clipped
+        else:
+            # beta_t, except at t=1 where tilde-beta_2 gives a better decoder likelihood (reference code).
+            # Learned variances do not use these two arrays.
+            model_variance = torch.cat([posterior_variance[1:2], betas[1:]])
+            model_log_variance = torch.log(model_variance)
 
         self.buffers: dict[str, Tensor] = {
             "betas": betas,
+            "log_betas": torch.log(betas),
             "alphas": alphas,
             "alphas_cumprod": alphas_cumprod,
             "alphas_cumprod_prev": alphas_cumprod_prev,
@@ -80,6 +131,15 @@ class GaussianDiffusion:
         }
         self._device_cache: dict[torch.device, dict[str, Tensor]] = {}
 
+    @property
+    def learns_variance(self) -> bool:
+        return self.variance in LEARNED_VARIANCES
+
+    @property
+    def output_channels_factor(self) -> int:
+        """The network outputs this many times the data's channels (2 when it also predicts the variance)."""
+        return 2 if self.learns_variance else 1
+
     def __getattr__(self, name: str) -> Tensor:
         # Expose the float64 arrays as attributes (diffusion.alphas_cumprod, ...).
         buffers = self.__dict__.get("buffers", {})
@@ -88,7 +148,8 @@ class GaussianDiffusion:
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def __repr__(self) -> str:
-        return f"GaussianDiffusion(num_timesteps={self.num_timesteps}, variance={self.variance!r})"
+        return (f"GaussianDiffusion(num_timesteps={self.num_timesteps}, variance={self.variance!r}, "
+                f"parameterization={self.parameterization!r}, objective={self.objective!r})")
 
     # ----------------------------------------------------------------- helpers
     def _arrays_on(self, device: torch.device) -> dict[str, Tensor]:
@@ -144,33 +205,94 @@ class GaussianDiffusion:
         return ((self.extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0)
                 / self.extract("sqrt_recipm1_alphas_cumprod", t, x_t))
 
-    # ------------------------------------------------------- reverse process
-    def p_mean_variance(self, model: Model, x_t: Tensor, t: Tensor, clip_denoised: bool = True) -> dict[str, Tensor]:
-        """Moments of p_theta(x_{t-1} | x_t).
+    def predict_x0_from_v(self, x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        """x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v."""
+        return (self.extract("sqrt_alphas_cumprod", t, x_t) * x_t
+                - self.extract("sqrt_one_minus_alphas_cumprod", t, x_t) * v)
 
-        The mean is the posterior mean at the predicted x0 (clipped to [-1, 1] when ``clip_denoised``);
-        without clipping it equals eq. 11, (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t).
-        Returns a dict with ``mean``, ``variance``, ``log_variance``, ``pred_x0`` and ``model_output``.
+    def predict_x0_from_mean(self, x_t: Tensor, t: Tensor, mean: Tensor) -> Tensor:
+        """Invert the posterior mean mu = c1 x0 + c2 x_t (c1 = 1, c2 = 0 at index 0)."""
+        return ((mean - self.extract("posterior_mean_coef2", t, x_t) * x_t)
+                / self.extract("posterior_mean_coef1", t, x_t))
+
+    def training_target(self, x0: Tensor, x_t: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """What the network should output for the parameterization: eps, x0, the posterior mean, or v."""
+        if self.parameterization == "eps":
+            return noise
+        if self.parameterization == "x0":
+            return x0
+        if self.parameterization == "mean":
+            return self.q_posterior_mean_variance(x0, x_t, t)[0]
+        return (self.extract("sqrt_alphas_cumprod", t, x0) * noise
+                - self.extract("sqrt_one_minus_alphas_cumprod", t, x0) * x0)
+
+    # ------------------------------------------------------- reverse process
+    def split_output(self, output: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Split the network output into the parameterization's prediction and the variance channels (or None).
+
+        Channels are dim 1, for images (B, C, H, W) and vectors (B, D) alike.
         """
-        self._check_t(t, x_t.shape[0])
-        eps = model(x_t, t)
-        if eps.shape != x_t.shape:
+        factor = self.output_channels_factor
+        expected = (x_t.shape[0], x_t.shape[1] * factor, *x_t.shape[2:])
+        if tuple(output.shape) != expected:
+            what = ("twice its input's channels, the second half for the variance,"
+                    if factor == 2 else "its input's shape")
             raise ValueError(
-                f"the model returned shape {tuple(eps.shape)} for input {tuple(x_t.shape)}: an epsilon-model "
-                "must return its input's shape (check model.out_channels)"
-            )
-        eps = eps.to(x_t.dtype)
-        pred_x0 = self.predict_x0_from_eps(x_t, t, eps)
+                f"the model returned shape {tuple(output.shape)} for input {tuple(x_t.shape)}: with "
+                f"diffusion.variance={self.variance} it must return {what} i.e. {expected} (leave "
+                "model.out_channels / model.out_dim null to have it set from the data and the variance)")
+        output = output.to(x_t.dtype)
+        if factor == 1:
+            return output, None
+        return output.chunk(2, dim=1)
+
+    def _predictions(self, model_out: Tensor, var_out: Tensor | None, x_t: Tensor, t: Tensor,
+                     clip_denoised: bool) -> dict[str, Tensor]:
+        """Moments of p_theta(x_{t-1} | x_t) from the split network output (see ``p_mean_variance``)."""
+        kind = self.parameterization
+        if kind == "eps":
+            pred_x0 = self.predict_x0_from_eps(x_t, t, model_out)
+            pred_eps = model_out
+        elif kind == "x0":
+            pred_x0 = model_out
+        elif kind == "v":
+            pred_x0 = self.predict_x0_from_v(x_t, t, model_out)
+        else:
+            pred_x0 = self.predict_x0_from_mean(x_t, t, model_out)
+        if kind != "eps":
+            pred_eps = self.predict_eps_from_x0(x_t, t, pred_x0)
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1.0, 1.0)
-        mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
-        return {
-            "mean": mean,
-            "variance": self.extract("model_variance", t, x_t).expand_as(x_t),
-            "log_variance": self.extract("model_log_variance", t, x_t).expand_as(x_t),
-            "pred_x0": pred_x0,
-            "model_output": eps,
-        }
+        if kind == "mean":
+            mean = model_out  # the network's mean is used as is; only the reported x0 is clipped (SPEC §2.1)
+        else:
+            mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
+
+        if self.variance == "learned":
+            log_variance = var_out
+        elif self.variance == "learned_range":
+            frac = (var_out + 1.0) / 2.0
+            log_variance = (frac * self.extract("log_betas", t, x_t)
+                            + (1.0 - frac) * self.extract("posterior_log_variance_clipped", t, x_t))
+        else:
+            log_variance = self.extract("model_log_variance", t, x_t).expand_as(x_t)
+        variance = (self.extract("model_variance", t, x_t).expand_as(x_t) if var_out is None
+                    else torch.exp(log_variance))
+        return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_x0": pred_x0,
+                "pred_eps": pred_eps, "model_output": model_out}
+
+    def p_mean_variance(self, model: Model, x_t: Tensor, t: Tensor, clip_denoised: bool = True) -> dict[str, Tensor]:
+        """Moments of p_theta(x_{t-1} | x_t) for any parameterization and variance.
+
+        The mean is the posterior mean at the predicted x0 (clipped to [-1, 1] when ``clip_denoised``);
+        for eps without clipping it equals eq. 11, (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t).
+        A mean-predicting network's output is the mean itself. Returns a dict with ``mean``, ``variance``,
+        ``log_variance``, ``pred_x0`` (clipped when asked), ``pred_eps`` (from the unclipped prediction) and
+        ``model_output`` (the parameterization's part of the output).
+        """
+        self._check_t(t, x_t.shape[0])
+        model_out, var_out = self.split_output(model(x_t, t), x_t)
+        return self._predictions(model_out, var_out, x_t, t, clip_denoised)
 
     def p_sample(self, model: Model, x_t: Tensor, t: Tensor, clip_denoised: bool = True,
                  generator: torch.Generator | None = None) -> dict[str, Tensor]:
@@ -235,23 +357,44 @@ class GaussianDiffusion:
         return t.to(device) if device is not None else t
 
     def training_losses(self, model: Model, x0: Tensor, t: Tensor | None = None, noise: Tensor | None = None,
-                        generator: torch.Generator | None = None) -> Tensor:
-        """Per-example L_simple (eq. 14): ||eps - eps_theta(x_t, t)||^2 averaged over dimensions, shape (B,).
+                        generator: torch.Generator | None = None,
+                        return_terms: bool = False) -> Tensor | dict[str, Tensor]:
+        """Per-example training loss of the configured objective, shape (B,) (Algorithm 1).
 
-        The mean over pixels (not the sum) follows the reference code; gradient clipping at 1.0 assumes it.
+        - ``simple``: MSE to ``training_target`` averaged over dimensions; for eps this is L_simple (eq. 14).
+          The mean over pixels (not the sum) follows the reference code; gradient clipping at 1.0 assumes it.
+        - ``vlb``: the bound's term at t in bits/dim, without clipping x0 (the reference code's ``kl`` loss):
+          the KL to the posterior for t > 0, the discretized decoder NLL at index 0. Over uniform t it
+          estimates (L - L_T) / T.
+        - ``hybrid``: ``simple`` + hybrid_weight * T * the bound's term computed with the prediction detached,
+          so the bound trains only the variance channels (improved DDPM).
+        With ``return_terms`` returns a dict with ``loss`` and its parts ``mse`` and/or ``vb``.
         """
         if t is None:
             t = self.sample_timesteps(x0.shape[0], x0.device, generator)
         if noise is None:
             noise = self._randn_like(x0, generator)
         x_t = self.q_sample(x0, t, noise)
-        eps = model(x_t, t)
-        if eps.shape != x0.shape:
-            raise ValueError(
-                f"the model returned shape {tuple(eps.shape)} for input {tuple(x0.shape)}: an epsilon-model "
-                "must return its input's shape (check model.out_channels)"
-            )
-        return (noise - eps.float()).pow(2).flatten(1).mean(dim=1)
+        model_out, var_out = self.split_output(model(x_t, t), x_t)
+        model_out = model_out.float()
+        var_out = var_out.float() if var_out is not None else None
+        terms: dict[str, Tensor] = {}
+        if self.objective in ("simple", "hybrid"):
+            target = self.training_target(x0, x_t, t, noise).float()
+            terms["mse"] = mean_flat((target - model_out) ** 2)
+        if self.objective in ("vlb", "hybrid"):
+            frozen = model_out.detach() if self.objective == "hybrid" else model_out
+            p = self._predictions(frozen, var_out, x_t.float(), t, clip_denoised=False)
+            terms["vb"] = self._vb_term(p, x0.float(), x_t.float(), t)
+        if self.objective == "simple":
+            loss = terms["mse"]
+        elif self.objective == "vlb":
+            loss = terms["vb"]
+        else:
+            loss = terms["mse"] + self.hybrid_weight * self.num_timesteps * terms["vb"]
+        if return_terms:
+            return {"loss": loss, **terms}
+        return loss
 
     # --------------------------------------------------- variational bound
     def prior_bpd(self, x0: Tensor) -> Tensor:
@@ -264,24 +407,27 @@ class GaussianDiffusion:
         kl = normal_kl(mean, log_variance, torch.zeros_like(mean), torch.zeros_like(log_variance))
         return mean_flat(kl) / math.log(2.0)
 
+    def _vb_term(self, p: dict[str, Tensor], x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The bound's term at t in bits/dim (B,) given the reverse moments ``p`` (see ``vb_terms_bpd``)."""
+        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, x_t, t)
+        kl = normal_kl(true_mean, true_log_variance, p["mean"], p["log_variance"])
+        kl = mean_flat(kl) / math.log(2.0)
+        decoder_nll = -discretized_gaussian_log_likelihood(x0, means=p["mean"], log_scales=0.5 * p["log_variance"])
+        decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
+        # Both are computed for the whole batch and selected per example, so mixed-t batches work.
+        return torch.where(t == 0, decoder_nll, kl)
+
     def vb_terms_bpd(self, model: Model, x0: Tensor, x_t: Tensor, t: Tensor,
                      clip_denoised: bool = True) -> dict[str, Tensor]:
         """One term of the bound in bits/dim at code indices t (B,) (SPEC §3.1, §3.5).
 
         t > 0: L_t = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)), true posterior with the clipped
         log-variance; t == 0: decoder NLL -log p_theta(x_0 | x_1) under the discretized Gaussian (eq. 13).
-        Returns ``output`` (B,), and ``pred_x0`` and ``model_output`` (x_t's shape) from p_mean_variance.
+        Returns ``output`` (B,), and ``pred_x0``, ``pred_eps`` and ``model_output`` (x_t's shape).
         """
-        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, x_t, t)
-        out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised)
-        kl = normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"])
-        kl = mean_flat(kl) / math.log(2.0)
-        decoder_nll = -discretized_gaussian_log_likelihood(
-            x0, means=out["mean"], log_scales=0.5 * out["log_variance"])
-        decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
-        # Both are computed for the whole batch and selected per example, so mixed-t batches work.
-        output = torch.where(t == 0, decoder_nll, kl)
-        return {"output": output, "pred_x0": out["pred_x0"], "model_output": out["model_output"]}
+        p = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised)
+        return {"output": self._vb_term(p, x0, x_t, t), "pred_x0": p["pred_x0"], "pred_eps": p["pred_eps"],
+                "model_output": p["model_output"]}
 
     @torch.no_grad()
     def bits_per_dim(self, model: Model, x0: Tensor, generator: torch.Generator | None = None,
@@ -310,7 +456,7 @@ class GaussianDiffusion:
             out = self.vb_terms_bpd(model, x0, x_t, t, clip_denoised=clip_denoised)
             terms[:, i] = out["output"]
             mse[:, i] = mean_flat((out["pred_x0"] - x0) ** 2)
-            eps_mse[:, i] = mean_flat((out["model_output"] - noise) ** 2)
+            eps_mse[:, i] = mean_flat((out["pred_eps"] - noise) ** 2)
         prior = self.prior_bpd(x0)
         total = terms.sum(dim=1) + prior
         return {"total": total, "prior": prior, "terms": terms, "mse": mse, "eps_mse": eps_mse}

@@ -3,7 +3,7 @@
 Conventions (as in ``gaussian_diffusion``):
 - timesteps are 0-based code indices in [0, T-1]; paper timestep = index + 1, index 0 is the decoder step;
 - models are called as ``model(x_t, t)`` with ``t`` a LongTensor (B,) of *original* indices and return
-  epsilon with x_t's shape;
+  the diffusion's parameterization (eps, x0, mean or v), with twice the channels for a learned variance;
 - all noise comes from ``randn`` so that a seeded CPU generator gives the same samples on any device.
 
 References: respacing follows improved DDPM (SPEC §8.2), DDIM follows Song et al. eq. 12 (SPEC §8.1).
@@ -129,6 +129,11 @@ def respace(diffusion: GaussianDiffusion, timesteps: Sequence[int]) -> tuple[Gau
     (LongTensor (S,)); wrap the model with ``RespacedModel(model, timestep_map)`` to sample it.
     """
     kept = resolve_timesteps(diffusion.num_timesteps, list(timesteps))
+    if diffusion.parameterization == "mean" and len(kept) < diffusion.num_timesteps:
+        raise ValueError(
+            "a mean-predicting model (diffusion.parameterization=mean) outputs the one-step mean of the full "
+            "chain, which a respaced chain cannot use: sample all T steps (sampler.steps=null) or use DDIM "
+            "(sampler=ddim), which recovers x0 from that mean")
     if len(kept) < 2:
         # GaussianDiffusion needs tilde-beta_2 for its t=1 log-variance
         raise ValueError(f"a respaced ancestral chain needs at least 2 steps, got {len(kept)}; use the DDIM "
@@ -139,7 +144,9 @@ def respace(diffusion: GaussianDiffusion, timesteps: Sequence[int]) -> tuple[Gau
     for i in kept:
         betas.append(1.0 - abar[i] / abar_prev)
         abar_prev = abar[i]
-    spaced = GaussianDiffusion(torch.stack(betas), variance=diffusion.variance)
+    spaced = GaussianDiffusion(torch.stack(betas), variance=diffusion.variance,
+                               parameterization=diffusion.parameterization, objective=diffusion.objective,
+                               hybrid_weight=diffusion.hybrid_weight)
     return spaced, torch.tensor(kept, dtype=torch.long)
 
 
@@ -215,14 +222,10 @@ def ddim_sample(diffusion: GaussianDiffusion, model: Model, shape: tuple[int, ..
     order = list(reversed(kept))
     for n, i in enumerate(_progress(order, progress, "DDIM sampling", len(order))):
         t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
-        eps = model(x, t)
-        if eps.shape != x.shape:
-            raise ValueError(f"the model returned shape {tuple(eps.shape)} for input {tuple(x.shape)}: an "
-                             "epsilon-model must return its input's shape (check model.out_channels)")
-        eps = eps.to(x.dtype)
-        x0 = diffusion.predict_x0_from_eps(x, t, eps)
+        # x0 and eps from any parameterization; a learned variance is not used by DDIM
+        out = diffusion.p_mean_variance(model, x, t, clip_denoised=clip_denoised)
+        x0, eps = out["pred_x0"], out["pred_eps"]
         if clip_denoised:
-            x0 = x0.clamp(-1.0, 1.0)
             # keep x_prev consistent with the clipped x0 (improved DDPM's ddim_sample)
             eps = diffusion.predict_eps_from_x0(x, t, x0)
         # per-step scalars in float64, as the schedule arrays are

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .embeddings import check_timesteps, timestep_embedding
+from .embeddings import LabelEmbedding, check_no_labels, check_timesteps, timestep_embedding
 
 
 class _Block(nn.Module):
@@ -30,7 +30,11 @@ class _Block(nn.Module):
 
 
 class TimeMLP(nn.Module):
-    """forward(x: (B, data_dim), t: (B,) int64 indices in [0, T-1]) -> (B, out_dim or data_dim)."""
+    """forward(x: (B, data_dim), t: (B,) int64 indices in [0, T-1], y: (B,) labels or None) -> (B, out_dim).
+
+    ``out_dim`` defaults to ``data_dim``. With ``num_classes`` set, a label embedding (the last of its
+    ``num_classes + 1`` rows is the null label, used for ``y=None``) is added to the time embedding.
+    """
 
     def __init__(
         self,
@@ -40,6 +44,7 @@ class TimeMLP(nn.Module):
         time_embed_dim: int = 128,
         out_dim: int | None = None,
         dropout: float = 0.0,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         data_dim, hidden_dim, num_layers = int(data_dim), int(hidden_dim), int(num_layers)
@@ -55,6 +60,7 @@ class TimeMLP(nn.Module):
         self.num_layers = num_layers
         self.time_embed_dim = time_embed_dim
         self.out_dim = out_dim
+        self.num_classes = None if num_classes is None else int(num_classes)
 
         self.time_mlp = nn.Sequential(
             nn.Linear(time_embed_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim)
@@ -66,6 +72,8 @@ class TimeMLP(nn.Module):
         # Zero output layer: the prediction starts at 0, as with the U-Net's ~0 output conv.
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
+        # Last, so the other weights start exactly as in the unconditional model.
+        self.label_emb = None if num_classes is None else LabelEmbedding(num_classes, hidden_dim)
 
     def check_input_shape(self, shape: Sequence[int]) -> None:
         """Raise ValueError (naming the config keys to change) unless `shape` = (data_dim,)."""
@@ -81,8 +89,8 @@ class TimeMLP(nn.Module):
                 f"model.data_dim={shape[0]}"
             )
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """x: (B, data_dim), t: (B,) integer indices -> (B, out_dim)."""
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """x: (B, data_dim), t: (B,) integer indices, y: (B,) labels (conditional models) -> (B, out_dim)."""
         if x.ndim != 2 or x.shape[1] != self.data_dim:
             raise ValueError(
                 f"TimeMLP expects x of shape (B, {self.data_dim}) (model.data_dim={self.data_dim}), "
@@ -91,6 +99,10 @@ class TimeMLP(nn.Module):
         check_timesteps(t, x.shape[0], "TimeMLP")
         first = self.time_mlp[0]
         temb = self.time_mlp(timestep_embedding(t, self.time_embed_dim).to(first.weight.dtype))
+        if self.label_emb is not None:
+            temb = temb + self.label_emb.embed(y, x.shape[0], "TimeMLP").to(temb.dtype)
+        else:
+            check_no_labels(y, "TimeMLP")
         h = self.input(x)
         for block in self.blocks:
             h = block(h, temb)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .embeddings import check_timesteps, timestep_embedding
+from .embeddings import LabelEmbedding, check_no_labels, check_timesteps, timestep_embedding
 
 # TF variance_scaling(scale, "fan_avg", "uniform") == xavier_uniform_ with gain = sqrt(scale).
 # The reference uses scale 1e-10 ("init_scale=0") for layers that should start as ~zero.
@@ -102,8 +102,11 @@ class Upsample(nn.Module):
 class UNet(nn.Module):
     """DDPM U-Net epsilon/x0/mean predictor.
 
-    forward(x: (B, in_channels, H, W), t: (B,) int64 indices in [0, T-1]) -> (B, out_channels, H, W).
-    Defaults are the CIFAR-10 model (35,746,307 parameters).
+    forward(x: (B, in_channels, H, W), t: (B,) int64 indices in [0, T-1], y: (B,) int64 labels or None)
+    -> (B, out_channels, H, W). Defaults are the CIFAR-10 model (35,746,307 parameters).
+
+    With ``num_classes`` set the model is class-conditional: a label embedding (``num_classes + 1`` rows, the
+    last one the null label) is added to the time embedding; ``y=None`` means the null label.
     """
 
     def __init__(
@@ -118,6 +121,7 @@ class UNet(nn.Module):
         resolution: int = 32,
         num_groups: int = 32,
         norm_eps: float = 1e-6,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         # Hydra passes ListConfig / possibly strings-as-ints; normalise to plain Python types.
@@ -169,6 +173,7 @@ class UNet(nn.Module):
         self.resolution = resolution
         self.num_groups = num_groups
         self.norm_eps = norm_eps
+        self.num_classes = None if num_classes is None else int(num_classes)
         self.temb_dim = 4 * ch
 
         def norm(channels: int) -> nn.GroupNorm:
@@ -235,6 +240,8 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(cur, out_channels, 3, padding=1)
 
         self._init_weights()
+        # Built after the init above, so the other weights start exactly as in the unconditional model.
+        self.label_emb = None if num_classes is None else LabelEmbedding(num_classes, self.temb_dim)
 
     def _init_weights(self) -> None:
         # Reference init: xavier-uniform (fan_avg) everywhere, zero biases; the last conv of each
@@ -283,8 +290,8 @@ class UNet(nn.Module):
         if problems:
             raise ValueError("; ".join(problems))
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """x: (B, in_channels, H, W), t: (B,) integer indices -> (B, out_channels, H, W)."""
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """x: (B, in_channels, H, W), t: (B,) integer indices, y: (B,) labels -> (B, out_channels, H, W)."""
         if x.ndim != 4:
             raise ValueError(f"UNet expects x of shape (B, C, H, W), got {tuple(x.shape)}")
         if x.shape[1] != self.in_channels:
@@ -302,6 +309,10 @@ class UNet(nn.Module):
         dense0, dense1 = self.temb.dense
         temb = timestep_embedding(t, self.ch).to(dense0.weight.dtype)
         temb = dense1(F.silu(dense0(temb)))
+        if self.label_emb is not None:
+            temb = temb + self.label_emb.embed(y, x.shape[0], "UNet").to(temb.dtype)
+        else:
+            check_no_labels(y, "UNet")
 
         last = len(self.ch_mult) - 1
         hs = [self.conv_in(x)]
