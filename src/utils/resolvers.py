@@ -19,6 +19,20 @@ def run_group(experiment_name: str) -> str:
     return experiment_name
 
 
+def slurm_count(value, key: str) -> int:
+    """A whole number for an sbatch resource (``--nodes``, ``--ntasks-per-node``, ``--gpus-per-node``), from ``key``.
+
+    SLURM needs counts up front: Lightning's ``devices=auto`` means nothing to sbatch.
+    """
+    text = str(value).strip()
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{key}={value!r} cannot be requested from SLURM (hydra/launcher=slurm): set it to a "
+                         f"whole number, e.g. {key}=4")
+    return int(text)
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("run_group"):
         OmegaConf.register_new_resolver("run_group", run_group)
+    if not OmegaConf.has_resolver("slurm_count"):
+        OmegaConf.register_new_resolver("slurm_count", slurm_count)
