@@ -12,9 +12,11 @@ Tasks (configs/bench.yaml `tasks`), each timed in images/s:
 - ``sample_ddim``: ``ddim_steps`` DDIM steps over T=num_timesteps (ours: ``ddim_sample``; diffusers:
   ``DDIMScheduler`` loop with eta=0; denoising-diffusion-pytorch: ``ddim_sample``).
 
-Settings: ``same_precision`` (both sides in ``precision``: fp32 on CPU, bf16 autocast on CUDA by default) and
-``defaults`` (ours as it runs by default, bf16 autocast where the device runs it and inference_mode for
-sampling; each peer as its own example / pipeline runs it: fp32, no_grad / inference_mode).
+Settings: ``same_precision`` (both sides in ``precision``: fp32 on CPU, bf16 autocast on CUDA by default, and
+the same plain Adam) and ``defaults`` (ours as it runs by default, bf16 autocast where the device runs it and
+inference_mode for sampling, Adam with the training module's fused/foreach choice, plus the ``compile`` /
+``channels_last`` levers when configs/bench.yaml turns them on; each peer as its own example / pipeline runs it:
+fp32, no_grad / inference_mode, plain Adam).
 
 Timing: within one (task, setting) the sides run in interleaved rounds (ours, peer 1, peer 2, ours, ...)
 after ``warmup`` untimed rounds; images/s are computed from the median round time. On a shared machine
@@ -23,13 +25,16 @@ compare the ratios, not the absolute numbers.
 Writes ``bench.json`` into the run folder: a list of records with task, setting, peer, ours, theirs
 (images/s), ratio (ours / theirs), device, precision ({ours, theirs}), batch_size, params, flops_per_image
 (ours; train counts forward + backward as 3x forward), mfu (CUDA with a known peak, else null),
-peak_mem_bytes (CUDA only; null on CPU, where no per-side figure is reliable) and the raw round times.
+peak_mem_bytes (CUDA only: the side's own peak, i.e. the allocator's peak during its rounds minus what was
+allocated when the round began, plus the side's own weights, gradients, optimizer and EMA state then; null on
+CPU, where the process's peak RSS cannot be split between sides) and the raw round times.
 A peer that is not installed gets a record with theirs/ratio null and a ``note``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -47,6 +52,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from src.diffusion import create_diffusion, ddim_sample
+from src.models.speed import build_optimizer, compile_backbone, use_channels_last
 
 log = logging.getLogger(__name__)
 # denoising-diffusion-pytorch's sampling loops draw a tqdm bar per chain; tqdm reads this when first imported
@@ -139,7 +145,7 @@ def forward_flops_per_image(model: nn.Module, in_channels: int, image_size: int,
         t = torch.zeros(2, dtype=torch.long, device=device)
         counter = FlopCounterMode(display=False)
         with torch.no_grad(), counter:
-            model(x, t)
+            model.forward(x, t)  # not model(...): a compiled __call__ would hide the ops from the counter
         model.train(was_training)
         return int(counter.get_total_flops() // 2)
     except Exception as err:  # noqa: BLE001
@@ -156,6 +162,8 @@ class Side:
     model: nn.Module
     precision: str = "fp32"
     runs: dict[str, Callable[[], Any]] = field(default_factory=dict)
+    optimizer: torch.optim.Optimizer | None = None  # set by train_loop
+    ema: FusedEMA | None = None
 
 
 class FusedEMA:
@@ -171,11 +179,19 @@ class FusedEMA:
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], self.weight)
 
 
-def train_loop(model: nn.Module, loss_fn: Callable[[], Tensor], steps: int, lr: float, decay: float,
-               ctx: Callable[[], contextlib.AbstractContextManager]) -> Callable[[], None]:
-    """A callable running ``steps`` of: loss (under ctx), backward, Adam step, EMA update."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+def train_loop(side: Side, loss_fn: Callable[[], Tensor], steps: int, lr: float, decay: float,
+               ctx: Callable[[], contextlib.AbstractContextManager], auto_adam: bool = False) -> Callable[[], None]:
+    """A callable running ``steps`` of: loss (under ctx), backward, Adam step, EMA update.
+
+    Adam is torch's default, or with ``auto_adam`` the training module's choice (fused where torch has the kernels).
+    """
+    model = side.model
+    if auto_adam:
+        opt = build_optimizer(functools.partial(torch.optim.Adam, lr=lr), model.parameters())
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
     ema = FusedEMA(model, decay)
+    side.optimizer, side.ema = opt, ema
 
     def run() -> None:
         model.train()
@@ -193,7 +209,10 @@ def inference(mode: str) -> contextlib.AbstractContextManager:
     return torch.inference_mode() if mode == "inference_mode" else torch.no_grad()
 
 
-def build_ours(cfg: DictConfig, sz: dict[str, int], device: torch.device, precision: str, grad_mode: str) -> Side:
+def build_ours(cfg: DictConfig, sz: dict[str, int], device: torch.device, precision: str, grad_mode: str,
+               levers: bool = False) -> Side:
+    """Our U-Net and diffusion; with ``levers`` (the ``defaults`` setting) the training module's speed levers:
+    Adam's fused/foreach choice, and ``compile`` / ``channels_last`` when configs/bench.yaml turns them on."""
     from hydra.utils import instantiate
 
     model = instantiate(cfg.model).to(device)
@@ -202,12 +221,16 @@ def build_ours(cfg: DictConfig, sz: dict[str, int], device: torch.device, precis
     shape = (B, C, S, S)
     diffusion = create_diffusion("linear", int(cfg.num_timesteps))
     x0 = torch.rand(shape, device=device) * 2 - 1
+    if levers and bool(cfg.get("channels_last", False)) and use_channels_last(model):
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    if levers and bool(cfg.get("compile", False)):
+        compile_backbone(model, cfg.get("compile_options"))
 
     def ctx() -> contextlib.AbstractContextManager:
         return precision_ctx(precision, device)
 
-    side.runs["train"] = train_loop(model, lambda: diffusion.training_losses(model, x0).mean(), sz["train_steps"],
-                                    float(cfg.lr), float(cfg.ema_decay), ctx)
+    side.runs["train"] = train_loop(side, lambda: diffusion.training_losses(model, x0).mean(), sz["train_steps"],
+                                    float(cfg.lr), float(cfg.ema_decay), ctx, auto_adam=levers)
     # the paper's beta endpoints whatever T (linear scales them by 1000/T, which breaks for a short chain)
     chain = create_diffusion("linear", sz["sample_steps"], schedule_kwargs={"beta_start": 1e-4, "beta_end": 0.02})
 
@@ -262,7 +285,7 @@ def build_diffusers(cfg: DictConfig, sz: dict[str, int], device: torch.device, p
         x_t = train_sched.add_noise(x0, noise, t)
         return F.mse_loss(unet(x_t, t).sample.float(), noise)
 
-    side.runs["train"] = train_loop(unet, loss_fn, sz["train_steps"], float(cfg.lr), float(cfg.ema_decay), ctx)
+    side.runs["train"] = train_loop(side, loss_fn, sz["train_steps"], float(cfg.lr), float(cfg.ema_decay), ctx)
     ddpm_sched = DDPMScheduler(num_train_timesteps=sz["sample_steps"], beta_schedule="linear")
     ddim_sched = DDIMScheduler(num_train_timesteps=T, beta_schedule="linear")
 
@@ -300,7 +323,7 @@ def build_ddp(cfg: DictConfig, sz: dict[str, int], device: torch.device, precisi
     def ctx() -> contextlib.AbstractContextManager:
         return precision_ctx(precision, device)
 
-    side.runs["train"] = train_loop(unet, lambda: train_gd(x01), sz["train_steps"], float(cfg.lr),
+    side.runs["train"] = train_loop(side, lambda: train_gd(x01), sz["train_steps"], float(cfg.lr),
                                     float(cfg.ema_decay), ctx)
 
     def sample(gd: Any) -> Tensor:  # its sample() picks p_sample_loop or ddim_sample (inference_mode inside)
@@ -326,7 +349,9 @@ def time_interleaved(sides: list[Side], task: str, repeats: int, warmup: int,
                      device: torch.device) -> tuple[dict[str, list[float]], dict[str, int | None]]:
     """Round-robin the sides (A B C A B C ...): ``warmup`` untimed rounds, then ``repeats`` timed ones.
 
-    Returns the round times per side (seconds) and the CUDA peak memory per side (None on CPU).
+    Returns the round times per side (seconds) and, on CUDA, each side's own peak memory over the timed rounds
+    (None on CPU): the allocator's peak during the round minus what was allocated when it began (every side's
+    state is alive at once), plus the side's own state then (``resident_bytes``).
     """
     times: dict[str, list[float]] = {s.name: [] for s in sides}
     peak: dict[str, int | None] = {s.name: None for s in sides}
@@ -334,19 +359,36 @@ def time_interleaved(sides: list[Side], task: str, repeats: int, warmup: int,
         for side in sides:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+                sync(device)
                 torch.cuda.reset_peak_memory_stats(device)
+                baseline = torch.cuda.memory_allocated(device) - resident_bytes(side)
             sync(device)
             start = time.perf_counter()
             side.runs[task]()
             sync(device)
             elapsed = time.perf_counter() - start
-            if device.type == "cuda":
-                peak[side.name] = max(peak[side.name] or 0, torch.cuda.max_memory_allocated(device))
+            if device.type == "cuda" and r >= warmup:
+                peak[side.name] = max(peak[side.name] or 0, torch.cuda.max_memory_allocated(device) - baseline)
             if r >= warmup:
                 times[side.name].append(elapsed)
             log.info("%s round %d/%d%s %s: %.3f s", task, r + 1, warmup + repeats,
                      " (warmup)" if r < warmup else "", side.name, elapsed)
     return times, peak
+
+
+def resident_bytes(side: Side) -> int:
+    """Bytes held by one side between rounds: weights, buffers, gradients, optimizer state, EMA (each storage once)."""
+    tensors = [*side.model.parameters(), *side.model.buffers()]
+    tensors += [p.grad for p in side.model.parameters() if p.grad is not None]
+    if side.optimizer is not None:
+        tensors += [v for state in side.optimizer.state.values() for v in state.values() if isinstance(v, Tensor)]
+    if side.ema is not None:
+        tensors += side.ema.shadow
+    storages = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
 
 
 def images_per_round(task: str, sz: dict[str, int]) -> int:
@@ -360,8 +402,8 @@ def flops_per_image(task: str, fwd: int | None, sz: dict[str, int]) -> int | Non
 
 
 # ------------------------------------------------------------------ main
-def resolve_precisions(cfg: DictConfig, device: torch.device) -> dict[str, dict[str, str]]:
-    """{setting: {"ours": precision, "peer": precision, "grad_mode": ...}}."""
+def resolve_precisions(cfg: DictConfig, device: torch.device) -> dict[str, dict[str, Any]]:
+    """{setting: {"ours": precision, "peer": precision, "grad_mode": ..., "levers": ours with its speed levers}}."""
     bf16_ok = bf16_autocast_works(device)
     same = str(cfg.precision)
     if same == "auto":
@@ -376,16 +418,16 @@ def resolve_precisions(cfg: DictConfig, device: torch.device) -> dict[str, dict[
     if ours_default not in ("fp32", "bf16"):
         raise ValueError(f"defaults_precision must be auto, fp32 or bf16, got {cfg.defaults_precision!r}")
     return {
-        "same_precision": {"ours": same, "peer": same, "grad_mode": "no_grad"},
+        "same_precision": {"ours": same, "peer": same, "grad_mode": "no_grad", "levers": False},
         # ours by default: bf16 autocast where it runs, inference_mode for sampling; peers: fp32 (their examples)
-        "defaults": {"ours": ours_default, "peer": "fp32", "grad_mode": "inference_mode"},
+        "defaults": {"ours": ours_default, "peer": "fp32", "grad_mode": "inference_mode", "levers": True},
     }
 
 
 def build_sides(cfg: DictConfig, sz: dict[str, int], device: torch.device, prec: dict[str, str],
                 skipped: dict[str, str]) -> list[Side]:
     torch.manual_seed(int(cfg.seed))
-    sides = [build_ours(cfg, sz, device, prec["ours"], prec["grad_mode"])]
+    sides = [build_ours(cfg, sz, device, prec["ours"], prec["grad_mode"], levers=bool(prec["levers"]))]
     for peer in cfg.peers:
         peer = str(peer)
         if peer in skipped:
@@ -401,15 +443,32 @@ def build_sides(cfg: DictConfig, sz: dict[str, int], device: torch.device, prec:
     return sides
 
 
+def levers_used(side: Side, cfg: DictConfig, levers: bool) -> dict[str, Any]:
+    """Which speed levers a side ran with (Adam's implementation; ours: compile, channels_last)."""
+    defaults = side.optimizer.defaults if side.optimizer is not None else {}
+    adam = "fused" if defaults.get("fused") else "foreach" if defaults.get("foreach") else "torch default"
+    return {"adam": adam, "compile": levers and bool(cfg.get("compile", False)),
+            "channels_last": levers and bool(cfg.get("channels_last", False))}
+
+
 def format_table(records: list[dict[str, Any]]) -> str:
-    head = f"{'task':<12} {'setting':<15} {'peer':<28} {'ours img/s':>11} {'theirs img/s':>13} {'ratio':>7}"
+    head = (f"{'task':<12} {'setting':<15} {'peer':<28} {'ours img/s':>11} {'theirs img/s':>13} {'ratio':>7} "
+            f"{'peak MiB ours/theirs':>21}")
     lines = [head, "-" * len(head)]
     for r in records:
         def f(v: float | None, w: int) -> str:
             return f"{v:>{w}.3g}" if v is not None else f"{'-':>{w}}"
         task, setting, peer = (str(r[k] if r[k] is not None else "-") for k in ("task", "setting", "peer"))
+        mem = [v for v in (r.get("peak_mem_bytes") or {}).values()]
+        if not r["task"]:
+            mem_text = ""
+        elif all(v is None for v in mem):
+            mem_text = "n/a"  # CPU: no per-side figure
+        else:
+            mem_text = "/".join("-" if v is None else f"{v / 2**20:.0f}" for v in mem)
         lines.append(f"{task:<12} {setting:<15} {peer:<28} {f(r['ours'], 11)} "
-                     f"{f(r['theirs'], 13)} {f(r['ratio'], 7)}" + (f"  ({r['note']})" if r.get("note") else ""))
+                     f"{f(r['theirs'], 13)} {f(r['ratio'], 7)} {mem_text:>21}"
+                     + (f"  ({r['note']})" if r.get("note") else ""))
     return "\n".join(lines)
 
 
@@ -464,6 +523,8 @@ def bench(cfg: DictConfig) -> list[dict[str, Any]]:
                     "mfu": None if mfu_ours is None else {
                         "ours": mfu_ours, "theirs": fpi * rate[side.name] / peak_for(device, prec["peer"])},
                     "peak_mem_bytes": {"ours": peak["ours"], "theirs": peak[side.name]},
+                    "levers": {"ours": levers_used(ours, cfg, prec["levers"]),
+                               "theirs": levers_used(side, cfg, False)},
                     "times_s": {"ours": times["ours"], "theirs": times[side.name]},
                     "repeats": sz["repeats"], "warmup": sz["warmup"],
                 })
@@ -474,6 +535,7 @@ def bench(cfg: DictConfig) -> list[dict[str, Any]]:
                                 "batch_size": sz["batch_size"], "flops_per_image": fpi,
                                 "forward_flops_per_image": fwd, "mfu": None if mfu_ours is None else {"ours": mfu_ours},
                                 "peak_mem_bytes": {"ours": peak["ours"]}, "times_s": {"ours": times["ours"]},
+                                "levers": {"ours": levers_used(ours, cfg, prec["levers"])},
                                 "note": "no peer ran"})
             log.info("%s/%s done: %s img/s", setting, task, {k: round(v, 3) for k, v in rate.items()})
         del sides
@@ -482,7 +544,7 @@ def bench(cfg: DictConfig) -> list[dict[str, Any]]:
                         "device": device_name, "precision": None, "batch_size": sz["batch_size"],
                         "flops_per_image": None, "mfu": None, "note": f"skipped: {why}"})
     if device.type != "cuda":
-        log.info("peak memory: null on %s (no per-side peak without CUDA's allocator statistics)", device)
+        log.info("peak memory: n/a on %s (peak RSS is one figure for the whole process, not per side)", device)
     return records
 
 

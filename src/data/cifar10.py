@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive, extract_archive
 from torchvision.transforms import Compose, RandomHorizontalFlip
@@ -41,6 +42,8 @@ class CIFAR10DataModule(BaseDataModule):
     instead (never flipped). Test is the test split. ``data_dir`` must hold ``cifar-10-batches-py``
     (or the archive ``cifar-10-python.tar.gz``, which is extracted); ``download=True`` fetches it.
     ``verify_checksums=False`` accepts a custom copy whose files do not match torchvision's MD5s.
+    ``device_resident=True`` keeps the training images as one uint8 tensor on the training device (150 MB for
+    the 50k) and gathers, flips and scales batches there (see ``BaseDataModule``).
     """
 
     def __init__(
@@ -54,8 +57,10 @@ class CIFAR10DataModule(BaseDataModule):
         num_workers: int = 0,
         seed: int = 0,
         pin_memory: bool = False,
+        device_resident: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory,
+                         device_resident=device_resident)
         if data_dir is None or str(data_dir) == "":
             raise ValueError("data.data_dir must be a directory path, got an empty value")
         self.data_dir = Path(data_dir).expanduser()
@@ -146,6 +151,17 @@ class CIFAR10DataModule(BaseDataModule):
         self._check_files()
 
     # --- datasets ----------------------------------------------------------------------------
+
+    def resident_train_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training split as uint8 (N, 3, 32, 32) images and int64 labels, in ``train_set``'s order."""
+        subset = self.train_set
+        full = subset.base  # type: ignore[union-attr]
+        index = torch.as_tensor(subset.indices, dtype=torch.long)  # type: ignore[union-attr]
+        images = torch.from_numpy(full.data)[index].permute(0, 3, 1, 2).contiguous()  # stored as (N, H, W, C)
+        return images, torch.as_tensor(full.targets, dtype=torch.long)[index]
+
+    def to_unit_range(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(torch.float32) / 127.5 - 1  # the same operations as pil_to_unit_range: equal values
 
     def setup(self, stage: str | None = None) -> None:
         if self.is_setup:

@@ -26,7 +26,8 @@ class DigitsDataModule(BaseDataModule):
 
     Pixels 0..16 are mapped to [-1, 1] via v/16; ``image_size != 8`` resizes once at setup with
     bilinear interpolation. Labels are 0..9. Flips are off by default because digits are not
-    mirror-symmetric.
+    mirror-symmetric. ``device_resident=True`` keeps the (already scaled) training split on the training
+    device and gathers and flips batches there (see ``BaseDataModule``).
     """
 
     def __init__(
@@ -39,8 +40,10 @@ class DigitsDataModule(BaseDataModule):
         seed: int = 0,
         pin_memory: bool = False,
         random_flip: bool = False,
+        device_resident: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory,
+                         device_resident=device_resident)
         self.image_size = check_int(image_size, "data.image_size", 1)
         self.val_fraction, self.test_fraction = check_fractions(val_fraction, test_fraction)
         self.random_flip = bool(random_flip)
@@ -56,6 +59,13 @@ class DigitsDataModule(BaseDataModule):
     @property
     def num_classes(self) -> int | None:
         return 10
+
+    def resident_train_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training split as float32 images in [-1, 1] (tiny: no need for a compact form) and labels."""
+        subset = self.train_set
+        tensors = subset.base.tensors  # type: ignore[union-attr]
+        index = torch.as_tensor(subset.indices, dtype=torch.long)  # type: ignore[union-attr]
+        return tensors[0][index], tensors[1][index]
 
     def prepare_data(self) -> None:
         # The data ship with scikit-learn: nothing to download.
