@@ -44,7 +44,8 @@ def test_cifar10_experiment_is_the_paper_recipe(compose_cfg):
 
 
 @pytest.mark.parametrize(
-    "group", ["data", "model", "diffusion/schedule", "diffusion/variance", "trainer", "logger", "callbacks", "debug"]
+    "group", ["data", "model", "diffusion/schedule", "diffusion/variance", "diffusion/parameterization",
+              "diffusion/objective", "trainer", "logger", "callbacks", "debug"]
 )
 def test_every_group_value_composes(compose_cfg, group, tmp_path):
     for value in group_values(group):
@@ -59,9 +60,42 @@ def test_every_group_value_composes(compose_cfg, group, tmp_path):
 @pytest.mark.parametrize("schedule", group_values("diffusion/schedule"))
 @pytest.mark.parametrize("variance", group_values("diffusion/variance"))
 def test_diffusion_groups_build(compose_cfg, schedule, variance):
-    cfg = compose_cfg(f"diffusion/schedule={schedule}", f"diffusion/variance={variance}")
+    # a learned variance is trained by the hybrid objective (simple gives it no gradient)
+    objective = "hybrid" if variance.startswith("learned") else "simple"
+    cfg = compose_cfg(f"diffusion/schedule={schedule}", f"diffusion/variance={variance}",
+                      f"diffusion/objective={objective}")
     diffusion = instantiate(cfg.diffusion)
     assert diffusion.variance == variance and diffusion.num_timesteps == 50
+
+
+@pytest.mark.parametrize("row", group_values("diffusion/table2"))
+def test_table2_rows_build_with_the_right_output_channels(compose_cfg, row):
+    module = build(compose_cfg(f"+diffusion/table2={row}"))["module"]
+    parameterization, objective, variance = row.split("_")
+    assert module.diffusion.parameterization == parameterization and module.diffusion.objective == objective
+    assert module.diffusion.variance == ("learned" if variance == "learned" else "fixed_large")
+    assert module.net.out_channels == (2 if variance == "learned" else 1)
+
+
+@pytest.mark.parametrize("parameterization", group_values("diffusion/parameterization"))
+def test_every_parameterization_builds_on_the_mlp_too(compose_cfg, parameterization):
+    module = build(compose_cfg("experiment=toy2d", f"diffusion/parameterization={parameterization}"))["module"]
+    assert module.diffusion.parameterization == parameterization and module.net.out_dim == 2
+
+
+def test_learned_variance_with_simple_objective_says_what_to_use(compose_cfg):
+    with pytest.raises(Exception, match="objective=hybrid"):
+        build(compose_cfg("diffusion/variance=learned_range"))
+
+
+def test_explicit_output_channels_that_do_not_fit_a_learned_variance(compose_cfg):
+    with pytest.raises(ValueError, match="model.out_channels=1 but the network must output 2"):
+        build(compose_cfg("diffusion/variance=learned_range", "diffusion/objective=hybrid", "model.out_channels=1"))
+
+
+def test_bound_objectives_refuse_continuous_data(compose_cfg):
+    with pytest.raises(ValueError, match="data toy2d is continuous"):
+        build(compose_cfg("experiment=toy2d", "diffusion/objective=vlb"))
 
 
 @pytest.mark.parametrize("experiment", ["digits", "toy2d"])
@@ -73,6 +107,9 @@ def test_build_wires_data_model_and_callbacks(compose_cfg, experiment):
     names = [type(cb).__name__ for cb in objects["callbacks"]]
     assert names.index("SampleGrid") < names.index("EMA") == len(names) - 1
     assert objects["run_config"]["diffusion"]["num_timesteps"] == 50
+    # one process here: the global batch is the per-device one
+    assert objects["run_config"]["world_size"] == 1
+    assert objects["run_config"]["global_batch_size"] == dm.batch_size
     assert module.clip_denoised == (experiment == "digits")
 
 

@@ -102,6 +102,11 @@ def test_learning_rate_follows_warmup():
 def test_nan_loss_stops_with_the_step_named():
     module = make_module(TinyEps(value=float("nan")))
     batch = (torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.long))
+    module.training_step(batch, 0)  # noted on the device; the first host check is at step 99
+    with pytest.raises(FloatingPointError, match="at step 0"):
+        module.check_finite_loss()
+    # checking every step raises in the step itself
+    module = make_module(TinyEps(value=float("nan")), nan_check_every_n_steps=1)
     with pytest.raises(FloatingPointError, match="at step 0"):
         module.training_step(batch, 0)
 
@@ -137,3 +142,15 @@ def test_nan_loss_keeps_the_last_good_checkpoint(compose_cfg, tmp_path):
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 4
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+def test_loss_bins_are_weighted_means_without_host_checks():
+    from src.models.ddpm_module import WeightedMean
+
+    metric = WeightedMean()
+    losses = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, 5.0])]
+    weights = [torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0.0, 1.0])]
+    for value, weight in zip(losses, weights, strict=True):
+        metric.update(value, weight)
+    # the mean of the selected entries 1, 3 and 5
+    assert metric.compute().item() == pytest.approx(3.0)

@@ -144,6 +144,9 @@ def test_two_process_ddp_on_cpu(tmp_path):
     fids = [float(r["val/fid"]) for r in read_metrics(run_dir) if r.get("val/fid")]
     assert fids and all(math.isfinite(f) and f > 0 for f in fids)
     assert ckpt["ddpm_config"]["trainer"]["strategy"] == "ddp"
+    # data.batch_size is per process: the recorded global batch is twice it
+    assert ckpt["ddpm_config"]["world_size"] == 2
+    assert ckpt["ddpm_config"]["global_batch_size"] == 2 * ckpt["ddpm_config"]["data"]["batch_size"]
     # rank zero alone writes the run folder: one final grid, one metrics file
     assert len(list((run_dir / "samples").glob("final-step=*.png"))) == 1
 
@@ -155,6 +158,7 @@ def test_resume_from_last_checkpoint_continues_steps_and_ema(tmp_path):
     common = [*TINY, "callbacks.sample_grid=null", f"hydra.run.dir={run_dir}"]
     first = run_entry_point("src.train", *common, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
+    first_rows = read_metrics(run_dir)
     before = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     second = run_entry_point("src.train", *common, "ckpt_path=last", "trainer.max_steps=8", cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -164,6 +168,11 @@ def test_resume_from_last_checkpoint_continues_steps_and_ema(tmp_path):
     assert int(before["averaging_state"]["n_averaged"]) == 4 and int(after["averaging_state"]["n_averaged"]) == 8
     # the warm-up schedule continued rather than restarting
     assert after["lr_schedulers"][0]["last_epoch"] == 8
+    # metrics.csv keeps the first attempt's rows and appends the second's
+    rows = read_metrics(run_dir)
+    assert rows[:len(first_rows)] == first_rows and len(rows) > len(first_rows)
+    steps = [int(r["step"]) for r in rows if r.get("train/loss_step")]
+    assert min(steps) < 4 <= max(steps)
 
 
 @pytest.mark.slow
