@@ -35,6 +35,17 @@ def _offline_env(monkeypatch, tmp_path):
     monkeypatch.setenv("DDPM_ROOT", str(tmp_path))
 
 
+@pytest.fixture(autouse=True)
+def _restore_global_rank():
+    """A Trainer sets Lightning's process-wide rank (e.g. 3 under simulated SLURM variables), which would turn
+    later rank-zero-only work (sample grids, files) into no-ops in the same pytest process."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    before = getattr(rank_zero_only, "rank", 0)
+    yield
+    rank_zero_only.rank = before
+
+
 def compose_config(overrides: list[str], output_dir: Path, config_name: str = "train") -> object:
     """Compose ``configs/<config_name>.yaml`` as ``python -m src.<config_name>`` would, with Hydra's runtime set."""
     GlobalHydra.instance().clear()
