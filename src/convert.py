@@ -30,6 +30,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor
 
+from src.utils.checkpoint_io import AtomicCheckpointIO
+
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -388,8 +390,7 @@ def convert(cfg: DictConfig) -> Path:
         "ddpm_data_shape": list(data_shape),
         "ddpm_converted_from": {"unet_config": unet_config, "scheduler_config": scheduler_config},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, out)
+    AtomicCheckpointIO().save_checkpoint(checkpoint, out)  # a kill mid-write leaves no torn file under `out`
     log.info("converted %d tensors (%s parameters) from %s: model %s; diffusion %s; written to %s", len(weights),
              f"{sum(p.numel() for p in net.parameters()):,}", unet_dir, model_args, diffusion, out)
     return out

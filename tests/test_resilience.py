@@ -23,7 +23,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from src.train import build, resolve_ckpt_path, run_dir_named, train
 from src.utils.checkpoint_io import AtomicCheckpointIO
-from tests.conftest import ROOT, TINY, compose_config, run_entry_point
+from tests.conftest import (
+    ROOT,
+    TINY,
+    assert_same_weights_and_ema,
+    compose_config,
+    load_checkpoint,
+    run_entry_point,
+)
 
 # Deterministic tiny runs of 8 steps over epochs of 3 batches, as in test_train.test_resume_is_exact.
 EXACT = [*TINY, "callbacks.sample_grid=null", "trainer.deterministic=true", "trainer.limit_train_batches=3",
@@ -33,19 +40,6 @@ START_TIMEOUT_S = 300
 # One intra-op thread per training process: faster for these tiny models on shared cores, and the same for the
 # runs that are compared bit for bit.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def assert_same_weights_and_ema(got: dict, want: dict) -> None:
-    assert got["global_step"] == want["global_step"]
-    for key in ("state_dict", "current_model_state"):  # the EMA and the raw weights
-        assert got[key].keys() == want[key].keys()
-        different = [k for k in want[key] if not torch.equal(got[key][k], want[key][k])]
-        assert not different, f"{key}: {different[:5]}"
-    assert int(got["averaging_state"]["n_averaged"]) == int(want["averaging_state"]["n_averaged"])
 
 
 # --------------------------------------------------------------- test-only callbacks (loaded by the entry point)
@@ -151,7 +145,7 @@ def uninterrupted(tmp_path_factory) -> dict:
     result = run_entry_point("src.train", *EXACT, f"hydra.run.dir={root / 'run'}", cwd=root,
                              env={"DDPM_ROOT": str(root), **ONE_THREAD})
     assert result.returncode == 0, result.stderr[-3000:]
-    return load(root / "run" / "checkpoints" / "last.ckpt")
+    return load_checkpoint(root / "run" / "checkpoints" / "last.ckpt")
 
 
 # --------------------------------------------------------------- 1. atomic writes
@@ -177,7 +171,8 @@ def test_save_replaces_the_file_whole_and_leaves_no_temporaries(tmp_path, monkey
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     io.save_checkpoint(checkpoint(2.0), target)
-    assert load(target)["global_step"] == 2 and torch.equal(load(target)["state_dict"]["w"], torch.full((16,), 2.0))
+    saved = load_checkpoint(target)
+    assert saved["global_step"] == 2 and torch.equal(saved["state_dict"]["w"], torch.full((16,), 2.0))
     # the file's bytes reach the disk before the rename, and the rename (the folder) after it
     assert events == [("fsync", "file"), ("replace", f"last.ckpt.tmp-{os.getpid()}", "last.ckpt"),
                       ("fsync", "folder")]
@@ -191,7 +186,7 @@ def test_failed_save_keeps_the_old_file(tmp_path):
     io.save_checkpoint(checkpoint(1.0), target)
     with pytest.raises(Exception):  # noqa: B017 - whatever torch.save raises for an object it cannot pickle
         io.save_checkpoint({"state_dict": {}, "bad": lambda: None}, target)
-    assert load(target)["global_step"] == 1
+    assert load_checkpoint(target)["global_step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
     with pytest.raises(TypeError, match="storage_options"):
         io.save_checkpoint(checkpoint(1.0), target, storage_options={"x": 1})
@@ -241,14 +236,15 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
         child.kill()
         child.wait(timeout=60)
     assert child.returncode == -signal.SIGKILL
-    assert target.read_bytes() == before and load(target)["global_step"] == 1
+    assert target.read_bytes() == before and load_checkpoint(target)["global_step"] == 1
     # the torn bytes are only in the temporary, which does not load and does not look like a checkpoint
     with pytest.raises(Exception):  # noqa: B017
-        load(temps[0])
+        load_checkpoint(temps[0])
     assert [p.name for p in target.parent.glob("*.ckpt")] == ["last.ckpt"]
     # the next save of that path clears it away
     AtomicCheckpointIO().save_checkpoint(checkpoint(3.0), target)
-    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"] and load(target)["global_step"] == 3
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
+    assert load_checkpoint(target)["global_step"] == 3
 
 
 @pytest.mark.parametrize("trainer", ["cpu", "ddp"])
@@ -328,7 +324,7 @@ def test_sigterm_between_steps_writes_last_checkpoint(compose_cfg, tmp_path, one
     trainer.callbacks.insert(0, RequestSigterm(step=3))
     with pytest.raises(SIGTERMException):
         trainer.fit(objects["module"], datamodule=objects["datamodule"])
-    last = load(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 3 and int(last["averaging_state"]["n_averaged"]) == 3
     # the raw weights are the module's own, the average is in state_dict (EMA not swapped in)
     raw = objects["module"].state_dict()
@@ -344,7 +340,7 @@ def test_sigterm_during_validation_keeps_the_last_good_checkpoint(compose_cfg, t
     with pytest.raises(SIGTERMException):
         trainer.fit(objects["module"], datamodule=objects["datamodule"])
     assert trainer.global_step == 3
-    assert load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 2
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 2
 
 
 def test_ctrl_c_inside_a_step_keeps_the_last_good_checkpoint(compose_cfg, tmp_path, one_thread):
@@ -354,7 +350,7 @@ def test_ctrl_c_inside_a_step_keeps_the_last_good_checkpoint(compose_cfg, tmp_pa
     trainer.callbacks.insert(0, InterruptBeforeOptimizerStep(step=3))
     with pytest.raises(SystemExit):  # Lightning turns Ctrl+C into exit status 1 after its on_exception hooks
         trainer.fit(objects["module"], datamodule=objects["datamodule"])
-    assert load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 2
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 2
 
 
 # --------------------------------------------------------------- 2. and 3. through the entry point
@@ -365,7 +361,8 @@ def test_sigkill_then_resume_from_the_old_runs_last_checkpoint_is_exact(tmp_path
     try:
         uninterrupted = request.getfixturevalue("uninterrupted")  # meanwhile, if not run yet
         wait_for(tmp_path / "killed-paused", proc, log)
-        assert load(killed / "checkpoints" / "last.ckpt")["global_step"] == 4  # written at step 4, busy in step 5
+        # written at step 4, busy in step 5
+        assert load_checkpoint(killed / "checkpoints" / "last.ckpt")["global_step"] == 4
     finally:
         with contextlib.suppress(ProcessLookupError):  # already gone if the run failed early
             os.killpg(proc.pid, signal.SIGKILL)
@@ -376,7 +373,7 @@ def test_sigkill_then_resume_from_the_old_runs_last_checkpoint_is_exact(tmp_path
     result = run_entry_point("src.train", *EXACT, f"ckpt_path={killed / 'checkpoints' / 'last.ckpt'}",
                              f"hydra.run.dir={tmp_path / 'resumed'}", cwd=tmp_path, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_weights_and_ema(load(tmp_path / "resumed" / "checkpoints" / "last.ckpt"), uninterrupted)
+    assert_same_weights_and_ema(load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt"), uninterrupted)
 
 
 @pytest.mark.slow
@@ -394,12 +391,12 @@ def test_sigterm_writes_last_checkpoint_and_the_run_resumes_exactly(tmp_path, re
     output = log.read_text()
     assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]  # a stopped run must not report success
     assert "SIGTERM at step 5" in output, output[-3000:]
-    assert load(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 5  # the step reached, not 4
+    assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 5  # the step reached, not 4
     # continue in the same folder
     result = run_entry_point("src.train", *EXACT, "ckpt_path=last", f"hydra.run.dir={run_dir}", cwd=tmp_path,
                              env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_weights_and_ema(load(run_dir / "checkpoints" / "last.ckpt"), uninterrupted)
+    assert_same_weights_and_ema(load_checkpoint(run_dir / "checkpoints" / "last.ckpt"), uninterrupted)
 
 
 # --------------------------------------------------------------- 4. DDP ranks agree
@@ -413,7 +410,7 @@ def test_two_ddp_ranks_end_with_identical_weights_and_ema(tmp_path):
                              f"hydra.run.dir={run_dir}", cwd=tmp_path, env=ONE_THREAD)
     wall = time.monotonic() - started
     assert result.returncode == 0, result.stderr[-4000:]
-    rank0, rank1 = (load(run_dir / f"rank{r}-state.pt") for r in (0, 1))
+    rank0, rank1 = (load_checkpoint(run_dir / f"rank{r}-state.pt") for r in (0, 1))
     print(f"two-process DDP run: {wall:.1f} s")
     assert rank0["step"] == rank1["step"] == 4
     # each rank trained on its own shard of the data, yet both hold the same weights and the same average

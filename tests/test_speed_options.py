@@ -23,7 +23,7 @@ from src.diffusion import create_diffusion
 from src.models import TimeMLP, UNet
 from src.models.ddpm_module import DDPMModule
 from src.models.speed import build_optimizer, choose_fused_foreach, has_fused_kernels, use_channels_last
-from tests.conftest import TINY, run_entry_point, write_fake_cifar10
+from tests.conftest import TINY, assert_same_weights_and_ema, run_entry_point, run_whole_and_split, write_fake_cifar10
 
 
 def tiny_unet(seed: int = 0, dropout: float = 0.0) -> UNet:
@@ -340,20 +340,11 @@ def test_resident_data_trains_and_resumes_exactly(tmp_path):
     common = [*TINY, "data.device_resident=true", "+data.random_flip=true", "data.batch_size=8",
               "callbacks.sample_grid=null", "trainer.deterministic=true", "trainer.limit_train_batches=3",
               "callbacks.model_checkpoint.every_n_train_steps=2", "trainer.check_val_every_n_epoch=100"]
-    runs = {"whole": [["trainer.max_steps=4"]],
-            "split": [["trainer.max_steps=2"], ["trainer.max_steps=4", "ckpt_path=last"]]}
-    ckpts = {}
-    for name, parts in runs.items():
-        for extra in parts:
-            result = run_entry_point("src.train", *common, *extra, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
-            assert result.returncode == 0, result.stderr[-3000:]
-        ckpts[name] = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    whole, split = run_whole_and_split(tmp_path, common, total=4, split=2)
     assert all(math.isfinite(v) for v in read_losses(tmp_path / "whole"))
-    assert ckpts["whole"]["global_step"] == ckpts["split"]["global_step"] == 4
-    assert ckpts["whole"]["ddpm_config"]["data"]["device_resident"] is True
-    for key in ("state_dict", "current_model_state"):
-        whole, split = ckpts["whole"][key], ckpts["split"][key]
-        assert all(torch.equal(whole[k], split[k]) for k in whole), key
+    assert whole["global_step"] == 4
+    assert whole["ddpm_config"]["data"]["device_resident"] is True
+    assert_same_weights_and_ema(split, whole)  # raw and EMA weights, bit for bit
 
 
 # ------------------------------------------------------------------ bench: per-side memory

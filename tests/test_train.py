@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from src.utils.checkpoint import load_module
-from tests.conftest import TINY, run_entry_point, write_fake_cifar10
+from tests.conftest import TINY, assert_same_weights_and_ema, run_entry_point, run_whole_and_split, write_fake_cifar10
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:
@@ -195,15 +195,6 @@ def test_resume_is_exact(tmp_path, split):
     """N steps in one run == N/2 steps, a restart from last.ckpt, and the rest: same weights and EMA, bit for bit."""
     common = [*TINY, "callbacks.sample_grid=null", "trainer.deterministic=true", "trainer.limit_train_batches=3",
               f"callbacks.model_checkpoint.every_n_train_steps={split}"]
-    runs = {"whole": [["trainer.max_steps=8"]], "split": [[f"trainer.max_steps={split}"],
-                                                          ["trainer.max_steps=8", "ckpt_path=last"]]}
-    ckpts = {}
-    for name, parts in runs.items():
-        for extra in parts:
-            result = run_entry_point("src.train", *common, *extra, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
-            assert result.returncode == 0, result.stderr[-3000:]
-        ckpts[name] = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert ckpts["whole"]["global_step"] == ckpts["split"]["global_step"] == 8
-    for key in ("state_dict", "current_model_state"):  # EMA and raw weights
-        whole, split_run = ckpts["whole"][key], ckpts["split"][key]
-        assert all(torch.equal(whole[k], split_run[k]) for k in whole), key
+    whole, split_run = run_whole_and_split(tmp_path, common, total=8, split=split)
+    assert whole["global_step"] == 8
+    assert_same_weights_and_ema(split_run, whole)  # EMA and raw weights
