@@ -122,7 +122,8 @@ class DDPMModule(L.LightningModule):
         self._note_nonfinite(loss)
         if (self.global_step + 1) % self.nan_check_every_n_steps == 0:
             self.check_finite_loss()
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x0.shape[0])
+        # not prog_bar: Lightning would copy it to the host every step (the bar reads it every N steps)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=x0.shape[0])
         if self.diffusion.objective == "hybrid":  # its two parts, to watch the variance being learned
             self.log("train/mse", terms["mse"].mean(), on_step=True, on_epoch=True, batch_size=x0.shape[0])
             self.log("train/vb", terms["vb"].mean(), on_step=True, on_epoch=True, batch_size=x0.shape[0])
