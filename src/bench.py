@@ -25,9 +25,10 @@ compare the ratios, not the absolute numbers.
 Writes ``bench.json`` into the run folder: a list of records with task, setting, peer, ours, theirs
 (images/s), ratio (ours / theirs), device, precision ({ours, theirs}), batch_size, params, flops_per_image
 (ours; train counts forward + backward as 3x forward), mfu (CUDA with a known peak, else null),
-peak_mem_bytes (CUDA only: the side's own peak, i.e. the allocator's peak during its rounds minus what was
-allocated when the round began, plus the side's own weights, gradients, optimizer and EMA state then; null on
-CPU, where the process's peak RSS cannot be split between sides) and the raw round times.
+peak_mem_bytes (the side's own peak; on CUDA the allocator's peak during its rounds minus what was allocated
+when the round began, plus the side's own weights, gradients, optimizer and EMA state then; on a CPU, for the
+train task only, each side alone in a fresh process: its peak RSS during one round minus its RSS before, plus
+its weights and EMA; ``cpu_memory=false`` skips it) and the raw round times.
 A peer that is not installed gets a record with theirs/ratio null and a ``note``.
 """
 
@@ -391,6 +392,78 @@ def resident_bytes(side: Side) -> int:
     return sum(storages.values())
 
 
+def _proc_status_bytes(field: str) -> int | None:
+    """A ``VmRSS`` / ``VmHWM`` line of /proc/self/status in bytes (Linux), else None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _side_train_peak_cpu(cfg_yaml: str, sz: dict[str, int], prec: dict[str, Any], name: str,
+                          threads: int) -> int | None:
+    """Run in a fresh process: build one side, run one train round, return its peak memory (bytes).
+
+    The peak is the process's peak RSS during the round (Linux resets the high-water mark when 5 is written to
+    /proc/self/clear_refs) minus its RSS when the round began, plus what the side held then (weights, EMA):
+    the CPU counterpart of the CUDA figure, without the interpreter's and the libraries' own memory.
+    """
+    from omegaconf import OmegaConf
+
+    torch.set_num_threads(threads)
+    cfg = OmegaConf.create(cfg_yaml)
+    with contextlib.suppress(ValueError):
+        cfg.peers = [p for p in cfg.peers if str(p) == name]
+    sides = [s for s in build_sides(cfg, sz, torch.device("cpu"), prec, {}) if s.name == name]
+    if not sides:
+        return None
+    side = sides[0]
+    held = resident_bytes(side)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    before = _proc_status_bytes("VmRSS")
+    side.runs["train"]()
+    peak = _proc_status_bytes("VmHWM")
+    if before is None or peak is None:
+        return None
+    return peak - before + held
+
+
+def cpu_train_peaks(cfg: DictConfig, sz: dict[str, int], prec: dict[str, Any],
+                    names: list[str]) -> dict[str, int | None]:
+    """Each side's peak training memory on the CPU, each measured alone in a fresh (spawned) process: one
+    process's peak RSS cannot be split between sides that share it."""
+    import concurrent.futures
+    import importlib
+    import multiprocessing
+
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    for key in ("paths", "hydra"):
+        plain.pop(key, None)
+    cfg_yaml = OmegaConf.to_yaml(OmegaConf.create(plain))
+    # by module name, not __main__: the spawned child imports src.bench and finds the function there
+    fn = importlib.import_module("src.bench")._side_train_peak_cpu
+    peaks: dict[str, int | None] = {}
+    ctx = multiprocessing.get_context("spawn")
+    for name in names:
+        try:
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                peaks[name] = pool.submit(fn, cfg_yaml, sz, prec, name, torch.get_num_threads()).result()
+        except Exception as err:  # noqa: BLE001 - a failed measurement is a missing figure, not a failed bench
+            log.warning("CPU peak memory of %s not measured: %s", name, err)
+            peaks[name] = None
+    return peaks
+
+
 def images_per_round(task: str, sz: dict[str, int]) -> int:
     return sz["batch_size"] * (sz["train_steps"] if task == "train" else 1)
 
@@ -463,7 +536,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
         if not r["task"]:
             mem_text = ""
         elif all(v is None for v in mem):
-            mem_text = "n/a"  # CPU: no per-side figure
+            mem_text = "n/a"  # CPU sampling, or cpu_memory=false
         else:
             mem_text = "/".join("-" if v is None else f"{v / 2**20:.0f}" for v in mem)
         lines.append(f"{task:<12} {setting:<15} {peer:<28} {f(r['ours'], 11)} "
@@ -499,6 +572,8 @@ def bench(cfg: DictConfig) -> list[dict[str, Any]]:
         log.info("[%s] params %s; our forward %s FLOPs/image", setting, params, fwd)
         for task in tasks:
             times, peak = time_interleaved(sides, task, sz["repeats"], sz["warmup"], device)
+            if task == "train" and device.type == "cpu" and bool(cfg.get("cpu_memory", True)):
+                peak = cpu_train_peaks(cfg, sz, prec, [s.name for s in sides])
             n = images_per_round(task, sz)
             rate = {name: n / statistics.median(ts) for name, ts in times.items()}
             fpi = flops_per_image(task, fwd, sz)
@@ -544,7 +619,8 @@ def bench(cfg: DictConfig) -> list[dict[str, Any]]:
                         "device": device_name, "precision": None, "batch_size": sz["batch_size"],
                         "flops_per_image": None, "mfu": None, "note": f"skipped: {why}"})
     if device.type != "cuda":
-        log.info("peak memory: n/a on %s (peak RSS is one figure for the whole process, not per side)", device)
+        log.info("peak memory on %s: train only, each side alone in a fresh process (peak RSS during one round "
+                 "minus RSS before it, plus its weights and EMA)", device)
     return records
 
 

@@ -39,11 +39,12 @@ def _check_record(r: dict) -> None:
 
 def test_bench_ours_only(tmp_path):
     """Ours always runs, peers or not: with no peers every task/setting gets an ours-only record."""
-    records = _run(tmp_path, "peers=[]")
+    records = _run(tmp_path, "peers=[]", "cpu_memory=false")
     assert {(r["task"], r["setting"]) for r in records} == {(t, s) for t in TASKS for s in SETTINGS}
     for r in records:
         _check_record(r)
         assert r["peer"] is None and r["theirs"] is None and r["ratio"] is None
+        assert r["peak_mem_bytes"] == {"ours": None}  # cpu_memory=false: not measured
     fwd = {r["forward_flops_per_image"] for r in records}
     assert len(fwd) == 1 and fwd.pop() > 0
     by_task = {r["task"]: r for r in records if r["setting"] == "same_precision"}
@@ -65,6 +66,12 @@ def test_bench_with_peers(tmp_path):
         assert r["ratio"] == pytest.approx(r["ours"] / r["theirs"])
         assert r["ratio_paired"] > 0
         assert r["precision"] == {"ours": "fp32", "theirs": "fp32"}
+        mem = r["peak_mem_bytes"]
+        if r["task"] == "train":  # each side alone in a fresh process: at least weights, grads, Adam, EMA
+            for side in ("ours", "theirs"):
+                assert isinstance(mem[side], int) and mem[side] >= 5 * 4 * r["params"][side], (side, mem)
+        else:
+            assert mem == {"ours": None, "theirs": None}
     diffusers_train = next(r for r in timed if r["peer"] == "diffusers" and r["task"] == "train")
     # the diffusers model is built from our model node: the same architecture, the same parameter count
     assert diffusers_train["params"]["ours"] == diffusers_train["params"]["theirs"]

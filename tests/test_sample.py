@@ -119,3 +119,34 @@ def test_points_are_written_as_float_npz_and_a_scatter_plot(tmp_path):
             assert f["samples"].dtype == np.float32 and np.array_equal(f["samples"], points.numpy())
         assert (tmp_path / name / "scatter.png").is_file()
         assert not (tmp_path / name / "samples").exists()
+
+
+def test_compile_at_load_follows_the_run_unless_overridden(ckpt, tmp_path, monkeypatch, one_thread):
+    """A run trained with module.compile=true loads compiled; ``compile=false`` (sample.yaml / eval.yaml
+    ``compile``) loads it eager, and ``compile=true`` compiles a run that was trained eager."""
+    from src.utils.checkpoint import load_module
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state["ddpm_config"]["module"]["compile"] = True
+    state["ddpm_config"]["module"]["compile_options"] = {"backend": "aot_eager"}
+    compiled_run = tmp_path / "compiled.ckpt"
+    torch.save(state, compiled_run)
+
+    def is_compiled(module) -> bool:
+        return module.net._compiled_call_impl is not None
+
+    assert is_compiled(load_module(compiled_run))
+    assert not is_compiled(load_module(compiled_run, compile=False))
+    assert not is_compiled(load_module(ckpt))
+    assert is_compiled(load_module(ckpt, compile=True))
+    # the entry point passes its `compile` through: no compile is attempted with compile=false
+    import src.models.ddpm_module as ddpm_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("compiled although compile=false")
+
+    monkeypatch.setattr(ddpm_module, "compile_backbone", refuse)
+    out = tmp_path / "s"
+    sample_in_process(compiled_run, out, "compile=false")
+    with np.load(out / "samples.npz") as f:
+        assert f["samples"].shape == (5, 8, 8, 1)
