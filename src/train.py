@@ -10,6 +10,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -52,6 +53,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     fill_model_num_classes(cfg.model, bool(cfg.get("conditional", False)), datamodule.num_classes, datamodule.name)
     net = instantiate(cfg.model)
     net.check_input_shape(data_shape)
+    resolve_trainer_precision(cfg.trainer)
     # Plain containers only: checkpoints are loaded with weights_only=True.
     run_config = OmegaConf.to_container(cfg, resolve=True)
     module = instantiate(cfg.module, net=net, diffusion=diffusion, data_shape=data_shape)
@@ -73,6 +75,21 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         log_hyperparams(logger, run_config)
     return {"datamodule": datamodule, "module": module, "trainer": trainer, "callbacks": callbacks,
             "loggers": loggers, "run_config": run_config}
+
+
+def resolve_trainer_precision(trainer_cfg: DictConfig) -> None:
+    """``trainer.precision=auto``: bf16-mixed when training on CUDA GPUs with bf16 (Ampere on), else 32-true.
+
+    Resolved in the config itself, so the run's config and checkpoints record what actually ran. CPUs train in
+    32-true: CPU runs are for small models and tests, where bit-for-bit reproducible fp32 matters more.
+    """
+    if trainer_cfg.get("precision") != "auto":
+        return
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    bf16 = on_cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    trainer_cfg.precision = "bf16-mixed" if bf16 else "32-true"
+    log.info("trainer.precision=auto -> %s", trainer_cfg.precision)
 
 
 def record_world(run_config: dict, trainer: L.Trainer, datamodule) -> None:

@@ -164,9 +164,12 @@ def test_lightning_takes_ranks_and_requeue_signal_from_slurm(hydra_cfg, monkeypa
     signal that configs/hydra/launcher/slurm.yaml asks SLURM to send, and the handler that saves and requeues."""
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
+    from src.train import resolve_trainer_precision
+
     cfg = hydra_cfg(*TINY, "hydra/launcher=slurm", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                     "trainer.num_nodes=2")
     slurm_task_env(monkeypatch, ntasks=4, ntasks_per_node=2, procid=3, localid=1, nodeid=1)
+    resolve_trainer_precision(cfg.trainer)  # as src.train does before building the trainer
     trainer = instantiate(cfg.trainer)
     environment = trainer._accelerator_connector.cluster_environment
     assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue

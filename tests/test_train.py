@@ -40,6 +40,7 @@ def test_default_digits_run(tmp_path):
     ckpt = assert_complete_run(run_dir, result)
     assert ckpt["ddpm_config"]["data"]["_target_"].endswith("DigitsDataModule")
     assert ckpt["ddpm_config"]["model"]["in_channels"] == 1  # filled from the data
+    assert ckpt["ddpm_config"]["trainer"]["precision"] == "32-true"  # precision=auto resolved, on a CPU
     assert "test/loss" in (run_dir / "csv" / "metrics.csv").read_text()
     config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
     assert config["diffusion"]["variance"] == "fixed_large"
@@ -198,3 +199,27 @@ def test_resume_is_exact(tmp_path, split):
     whole, split_run = run_whole_and_split(tmp_path, common, total=8, split=split)
     assert whole["global_step"] == 8
     assert_same_weights_and_ema(split_run, whole)  # EMA and raw weights
+
+
+@pytest.mark.parametrize(
+    ("precision", "accelerator", "cuda", "bf16", "expected"),
+    [
+        ("auto", "cpu", True, True, "32-true"),
+        ("auto", "auto", False, False, "32-true"),
+        ("auto", "auto", True, True, "bf16-mixed"),
+        ("auto", "gpu", True, True, "bf16-mixed"),
+        ("auto", "cuda", True, False, "32-true"),  # a GPU without bf16 (pre-Ampere)
+        ("16-mixed", "auto", True, True, "16-mixed"),  # explicit values are kept
+        ("32-true", "gpu", True, True, "32-true"),
+    ],
+)
+def test_trainer_precision_auto(monkeypatch, precision, accelerator, cuda, bf16, expected):
+    from omegaconf import OmegaConf
+
+    from src.train import resolve_trainer_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    cfg = OmegaConf.create({"precision": precision, "accelerator": accelerator})
+    resolve_trainer_precision(cfg)
+    assert cfg.precision == expected
