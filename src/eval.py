@@ -247,7 +247,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ValueError(f"unknown metric {cfg.metric!r}: valid metrics are "
                          + "; ".join(f"{k} ({v})" for k, v in METRICS.items()))
     device = resolve_device(cfg.device)
-    module = load_module(cfg.ckpt_path, map_location=device, weights=cfg.weights, compile=cfg.get("compile")).to(device)
+    module = load_module(cfg.ckpt_path, map_location=device, weights=cfg.weights, compile=cfg.get("compile"),
+                         compile_options=cfg.get("compile_options")).to(device)
     out_dir = Path(cfg.get("output_dir") or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.metric == "nll":

@@ -173,7 +173,8 @@ def sample(cfg: DictConfig) -> Path:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {cfg.num_samples} and "
                          f"{cfg.batch_size}")
     device = resolve_device(str(cfg.device))
-    module = load_module(cfg.ckpt_path, map_location="cpu", weights=cfg.weights, compile=cfg.get("compile")).to(device)
+    module = load_module(cfg.ckpt_path, map_location="cpu", weights=cfg.weights, compile=cfg.get("compile"),
+                         compile_options=cfg.get("compile_options")).to(device)
     diffusion = module.diffusion
     sampler = make_sampler(cfg.sampler, diffusion.num_timesteps)
     log.info("checkpoint %s (%s weights): data shape %s, %s; sampler %s on %s", cfg.ckpt_path, cfg.weights,

@@ -124,6 +124,9 @@ def test_points_are_written_as_float_npz_and_a_scatter_plot(tmp_path):
 def test_compile_at_load_follows_the_run_unless_overridden(ckpt, tmp_path, monkeypatch, one_thread):
     """A run trained with module.compile=true loads compiled; ``compile=false`` (sample.yaml / eval.yaml
     ``compile``) loads it eager, and ``compile=true`` compiles a run that was trained eager."""
+    from torch._dynamo.utils import counters
+
+    import src.models.ddpm_module as ddpm_module
     from src.utils.checkpoint import load_module
 
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -138,9 +141,13 @@ def test_compile_at_load_follows_the_run_unless_overridden(ckpt, tmp_path, monke
     assert is_compiled(load_module(compiled_run))
     assert not is_compiled(load_module(compiled_run, compile=False))
     assert not is_compiled(load_module(ckpt))
-    assert is_compiled(load_module(ckpt, compile=True))
+    compiled = load_module(ckpt, compile=True, compile_options={"backend": "aot_eager"})
+    assert is_compiled(compiled)
+    frames = counters["frames"]["ok"]
+    with torch.no_grad():
+        compiled.net(torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long))
+    assert counters["frames"]["ok"] > frames  # compiled with the given (aot_eager) backend
     # the entry point passes its `compile` through: no compile is attempted with compile=false
-    import src.models.ddpm_module as ddpm_module
 
     def refuse(*args, **kwargs):
         raise AssertionError("compiled although compile=false")

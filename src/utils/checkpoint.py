@@ -13,12 +13,14 @@ from src.models.ddpm_module import DDPMModule
 
 
 def load_module(path: str | Path, map_location: str | torch.device = "cpu", weights: str = "ema",
-                compile: bool | None = None) -> DDPMModule:
+                compile: bool | None = None, compile_options: dict | None = None) -> DDPMModule:
     """Load a ``DDPMModule`` from a checkpoint of this project, with the EMA (default) or the raw weights.
 
     The checkpoint is read with ``weights_only=True``: it holds tensors and the run config as plain
     containers, never pickled objects. ``compile`` overrides the run's ``module.compile`` (None keeps it):
     a model trained compiled need not pay a compile (minutes on a CPU) to draw a few samples.
+    ``compile_options`` (None keeps the run's) replace ``module.compile_options``, e.g.
+    ``{"mode": "reduce-overhead"}`` to replay each sampling step as a CUDA graph.
     """
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
@@ -41,6 +43,8 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu", weig
     cfg = OmegaConf.create(ckpt["ddpm_config"])
     if compile is not None:
         cfg.module.compile = bool(compile)
+    if compile_options is not None:
+        cfg.module.compile_options = compile_options
     module = instantiate(cfg.module, net=instantiate(cfg.model), diffusion=instantiate(cfg.diffusion),
                          data_shape=ckpt.get("ddpm_data_shape"))
     module.run_config = ckpt["ddpm_config"]
