@@ -74,9 +74,10 @@ class AttnBlock(nn.Module):
         """Attention with PyTorch's fused SDPA kernels (flash / memory-efficient on a GPU): (B,C,H,W) -> (B,C,HW)."""
         b, c, hgt, wid = h.shape
 
-        # (B,C,H,W) -> (B,1,HW,C); reshape (not view) so channels_last inputs work.
+        # (B,C,H,W) -> (B,1,HW,C) with a unit stride on C: the fused kernels refuse anything else and SDPA
+        # would fall back to its unfused math path (free for channels_last inputs, one copy otherwise).
         def tokens(z: Tensor) -> Tensor:
-            return z.reshape(b, 1, c, hgt * wid).transpose(-1, -2)
+            return z.flatten(2).transpose(1, 2).contiguous()[:, None]
 
         out = F.scaled_dot_product_attention(tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h)), scale=c**-0.5)
         return out[:, 0].transpose(1, 2)

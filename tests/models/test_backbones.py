@@ -191,6 +191,23 @@ def test_attention_matches_manual_softmax():
             assert torch.allclose(attend(h), attended.reshape(2, c, 16), atol=1e-5)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sdpa_attention_is_accepted_by_the_fused_kernel(channels_last):
+    """The SDPA path (what a GPU runs) hands SDPA unit-stride q/k/v, which the fused kernels require; with only
+    the flash kernel allowed, anything else raises instead of silently taking the slow math path."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    block = AttnBlock(16, lambda n: torch.nn.GroupNorm(4, n, eps=1e-6))
+    h = torch.randn(2, 16, 4, 4)
+    if channels_last:
+        block = block.to(memory_format=torch.channels_last)
+        h = h.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        out = block.attend_sdpa(h)
+    assert torch.allclose(out, block.attend_matmul(h).detach(), atol=1e-5)
+
+
 def test_attention_kernels_same_gradients():
     torch.manual_seed(0)
     c = 16
