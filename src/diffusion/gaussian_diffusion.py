@@ -467,7 +467,13 @@ def randn(shape: tuple[int, ...], generator: torch.Generator | None = None, devi
     """Standard normal noise; draws on the generator's device so a seed gives the same noise on any device."""
     if generator is None:
         return torch.randn(shape, device=device, dtype=dtype)
-    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+    noise = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
+    target = torch.device(device) if device is not None else noise.device
+    if noise.device.type == "cpu" and target.type == "cuda":
+        # Pinned memory and non_blocking: a copy from pageable memory synchronizes the stream, so each sampling
+        # step would wait for the GPU to finish the previous one before Python could queue the next.
+        return noise.pin_memory().to(target, non_blocking=True)
+    return noise.to(target)
 
 
 def _model_device(model: Model) -> torch.device:

@@ -217,3 +217,13 @@ def test_short_chains_with_exact_predictor_recover_the_data_distribution(sampler
     assert x.std().item() == pytest.approx(std, rel=0.02)
     assert mean == pytest.approx(m, abs=0.01)
     assert std == pytest.approx(s, rel=rel)
+
+
+def test_seeded_noise_is_the_cpu_generators_on_every_device():
+    from src.diffusion.gaussian_diffusion import randn
+
+    want = torch.randn((3, 4), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(randn((3, 4), torch.Generator().manual_seed(7), "cpu"), want)
+    if torch.cuda.is_available():  # pinned, non-blocking copy on CUDA: the same values, no stream sync
+        got = randn((3, 4), torch.Generator().manual_seed(7), "cuda")
+        assert got.device.type == "cuda" and torch.equal(got.cpu(), want)
