@@ -416,8 +416,7 @@ def _side_train_peak_cpu(cfg_yaml: str, sz: dict[str, int], prec: dict[str, Any]
 
     torch.set_num_threads(threads)
     cfg = OmegaConf.create(cfg_yaml)
-    with contextlib.suppress(ValueError):
-        cfg.peers = [p for p in cfg.peers if str(p) == name]
+    cfg.peers = [p for p in cfg.peers if str(p) == name]  # build this side only
     sides = [s for s in build_sides(cfg, sz, torch.device("cpu"), prec, {}) if s.name == name]
     if not sides:
         return None

@@ -53,7 +53,7 @@ def train_counting(tmp_path, counts, steps: int) -> int:
 
 @pytest.mark.slow
 def test_training_steps_read_nothing_back_from_the_device(tmp_path, count_host_reads, one_thread):
-    # digits at batch 16 is 113 steps an epoch: both runs stay inside the first epoch
+    # digits' training split at batch 16 is 89 steps an epoch: both runs stay inside the first epoch
     short = train_counting(tmp_path, count_host_reads, 4)
     long = train_counting(tmp_path, count_host_reads, 16)
     assert short > 0  # the counting works: fit start and end do read values
