@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import CenterCrop, Compose, RandomHorizontalFlip, Resize
@@ -23,6 +27,16 @@ from .base import (
 DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 PIL_MODES = {1: "L", 3: "RGB"}
 MAX_LISTED = 10
+# background level transparent pixels are composited onto, per data.alpha ('error' refuses transparency)
+BACKGROUNDS = {"white": 255, "black": 0}
+ALPHA_RULES = (*BACKGROUNDS, "error")
+SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+KINDS = {"1": "1-bit black-and-white", "L": "grayscale", "LA": "grayscale", "La": "grayscale", "P": "palette",
+         "PA": "palette", "RGB": "RGB", "RGBA": "RGB", "RGBa": "RGB", "RGBX": "RGB", "F": "32-bit float"}
+TARGET_KINDS = {"L": "grayscale", "RGB": "RGB"}
+
+log = logging.getLogger(__name__)
 
 
 def _normalise_extensions(extensions: Iterable[str] | str) -> tuple[str, ...]:
@@ -53,12 +67,118 @@ def list_files(root: Path, recursive: bool) -> list[Path]:
     return sorted(p for p in found if p.is_file())
 
 
-class ImageFileDataset(Dataset):
-    """Loads images from a list of paths as PIL images in ``mode``; label is always -1."""
+@dataclass(frozen=True)
+class ImageHeader:
+    """What a file's header tells about an image, read without decoding its pixels."""
 
-    def __init__(self, files: list[Path], mode: str) -> None:
+    path: Path
+    mode: str  # the PIL mode it opens in
+    size: tuple[int, int]  # (width, height)
+    kind: str  # colour kind of the file: 'RGB', 'grayscale', 'palette', 'CMYK', ...
+    alpha: bool  # an alpha channel, or a transparent palette entry or colour key
+    sixteen_bit: bool  # 16 bits per channel in the file
+
+
+def _rawmodes(img: Image.Image) -> list[str]:
+    """The raw (in-file) pixel layouts of the decoder tiles, e.g. 'RGB;16B' for a 48-bit PNG."""
+    out = []
+    for tile in getattr(img, "tile", None) or []:
+        args = tile[3]
+        rawmode = args if isinstance(args, str) else (args[0] if args and isinstance(args[0], str) else "")
+        out.append(rawmode)
+    return out
+
+
+def read_header(path: Path, img: Image.Image) -> ImageHeader:
+    """Header facts of an opened (not yet decoded) image."""
+    rawmodes = _rawmodes(img)
+    # 'BGR;16' and the like are 16 bits per pixel (5-6-5), which PIL expands exactly: not 16 bits per channel.
+    wide = [r for r in rawmodes if r.endswith((";16B", ";16L", ";16N")) or r == "L;16"]
+    sixteen_bit = img.mode in SIXTEEN_BIT_MODES or bool(wide)
+    # PIL opens a 16-bit LA PNG as RGBA: the raw mode names the file's own colours
+    base = wide[0].split(";")[0] if wide and img.mode not in SIXTEEN_BIT_MODES else img.mode
+    kind = "grayscale" if base in SIXTEEN_BIT_MODES else KINDS.get(base, base)
+    alpha = img.mode in ALPHA_MODES or "transparency" in img.info
+    return ImageHeader(path, img.mode, img.size, kind, alpha, sixteen_bit)
+
+
+def scale_16_bit(img: Image.Image) -> Image.Image:
+    """16-bit grayscale (modes I;16*, and I taken as 0..65535) -> 8-bit L, pixel v -> round(v * 255 / 65535);
+    a transparent value (PNG colour key) becomes an alpha channel (LA)."""
+    values = np.asarray(img).astype(np.int64)
+    pixels = ((np.clip(values, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)  # rounds: v/257 is never x.5
+    key = img.info.get("transparency")
+    if isinstance(key, int):
+        alpha = np.where(values == key, 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([pixels, alpha], axis=-1))
+    return Image.fromarray(pixels)
+
+
+def composite(img: Image.Image, background: int) -> Image.Image:
+    """RGB of ``img`` over a uniform ``background`` level (255 white, 0 black): round((c*a + bg*(255-a)) / 255)."""
+    rgba = np.asarray(img.convert("RGBA")).astype(np.uint32)  # also applies a palette's or colour key's transparency
+    color, alpha = rgba[..., :3], rgba[..., 3:]
+    return Image.fromarray(((color * alpha + background * (255 - alpha) + 127) // 255).astype(np.uint8))
+
+
+def to_mode(img: Image.Image, mode: str, background: int) -> Image.Image:
+    """A decoded image in ``mode`` ('L' or 'RGB'): 16-bit scaled (not clipped), transparency composited."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        img = scale_16_bit(img)  # PIL's own convert clips every value above 255 to white
+    if img.mode in ALPHA_MODES or "transparency" in img.info:
+        img = composite(img, background)
+    return img if img.mode == mode else img.convert(mode)
+
+
+def _images(n: int, kind: str = "") -> str:
+    return f"{n} {kind + ' ' if kind else ''}image{'' if n == 1 else 's'}"
+
+
+class RefusedImage(ValueError):
+    """A readable image the settings refuse (transparency with data.alpha=error, or one too small)."""
+
+
+def _listing(lines: list[str]) -> str:
+    more = f"\n  ... and {len(lines) - MAX_LISTED} more" if len(lines) > MAX_LISTED else ""
+    return "\n".join(f"  {line}" for line in lines[:MAX_LISTED]) + more
+
+
+def refuse(headers: list[ImageHeader], alpha: str, min_size: int, total: int | None = None) -> None:
+    """Raise RefusedImage if ``alpha`` is 'error' and an image has transparency, or an image's shorter side is
+    below ``min_size`` (it would be resized up); ``total`` is the number of images, for the message."""
+
+    def count(n: int) -> str:
+        return (f"{n} of {total} images" if total is not None else _images(n)) + (" is" if n == 1 else " are")
+
+    transparent = [h for h in headers if h.alpha]
+    if alpha == "error" and transparent:
+        raise RefusedImage(
+            f"{count(len(transparent))} transparent (an alpha channel or a transparent colour), which "
+            f"data.alpha=error refuses:\n{_listing([f'{h.path} ({h.mode})' for h in transparent])}\n"
+            "Set data.alpha=white or data.alpha=black to composite them onto that background, "
+            "or remove their transparency."
+        )
+    small = [h for h in headers if min(h.size) < min_size]
+    if small:
+        raise RefusedImage(
+            f"{count(len(small))} smaller than data.image_size={min_size} on the shorter side and would be "
+            f"resized up:\n{_listing([f'{h.path}: {h.size[0]}x{h.size[1]}' for h in small])}\n"
+            "Set data.upscale=true to allow resizing images up, lower data.image_size, or remove them."
+        )
+
+
+class ImageFileDataset(Dataset):
+    """Loads images from a list of paths as PIL images in ``mode``; label is always -1.
+
+    16-bit grayscale is scaled to 8 bit, transparency composited onto ``alpha`` ('white' or 'black'; 'error'
+    refuses it), and an image whose shorter side is below ``min_size`` is refused.
+    """
+
+    def __init__(self, files: list[Path], mode: str, alpha: str = "white", min_size: int = 0) -> None:
         self.files = files
         self.mode = mode
+        self.alpha = alpha
+        self.min_size = min_size
 
     def __len__(self) -> int:
         return len(self.files)
@@ -67,7 +187,11 @@ class ImageFileDataset(Dataset):
         path = self.files[i]
         try:
             with Image.open(path) as img:
-                img = img.convert(self.mode)  # forces the full decode inside the try
+                refuse([read_header(path, img)], self.alpha, self.min_size)
+                img.load()  # the full decode inside the try
+                img = to_mode(img, self.mode, BACKGROUNDS.get(self.alpha, 255))
+        except RefusedImage:
+            raise
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
             raise RuntimeError(
                 f"Could not load image {str(path)!r} ({type(err).__name__}: {err}). Remove or repair "
@@ -80,8 +204,17 @@ class ImageFolderDataModule(BaseDataModule):
     """Unlabeled images from ``root`` (recursively by default), resized and center-cropped to a square.
 
     Train/val/test are a seeded random split of the sorted file list. Hidden files and folders
-    (names starting with '.') are skipped. With ``verify=True`` every file is checked with PIL at
-    setup so unreadable files are reported all at once, before training starts.
+    (names starting with '.') are skipped. Every image is brought to 8-bit L or RGB when loaded:
+    16-bit grayscale is scaled, round(v * 255 / 65535) (PIL itself reduces 16-bit RGB/RGBA to the high
+    byte, at most one level off rounding); transparency (alpha channels, transparent palette entries
+    or colour keys) is composited onto ``alpha`` ('white' or 'black'), or refused with 'error'; other
+    modes (palette, CMYK, grayscale in an RGB run, ...) are converted by PIL. An image whose shorter
+    side is below ``image_size`` is refused unless ``upscale``.
+
+    With ``verify=True`` setup opens every file once (headers and ``Image.verify``, no pixel decoding):
+    unreadable, refused and too small files are reported all at once before training starts, and one
+    summary of the conversions is logged. With ``verify=False`` nothing is opened at setup and nothing
+    is logged; the same rules then apply as each file is loaded, and a file breaking them fails there.
     """
 
     def __init__(
@@ -96,6 +229,8 @@ class ImageFolderDataModule(BaseDataModule):
         extensions: Iterable[str] = DEFAULT_EXTENSIONS,
         recursive: bool = True,
         verify: bool = True,
+        alpha: str = "white",
+        upscale: bool = False,
         num_workers: int = 0,
         seed: int = 0,
         pin_memory: bool = False,
@@ -113,6 +248,12 @@ class ImageFolderDataModule(BaseDataModule):
         self.extensions = _normalise_extensions(extensions)
         self.recursive = bool(recursive)
         self.verify = bool(verify)
+        if alpha not in ALPHA_RULES:
+            raise ValueError(f"data.alpha must be one of {', '.join(ALPHA_RULES)}, got {alpha!r}")
+        self.alpha = alpha
+        if not isinstance(upscale, bool):
+            raise ValueError(f"data.upscale must be true or false, got {upscale!r}")
+        self.upscale = upscale
         self.files: list[Path] | None = None
 
     @property
@@ -144,30 +285,49 @@ class ImageFolderDataModule(BaseDataModule):
         return images
 
     @staticmethod
-    def find_unreadable(files: list[Path]) -> list[tuple[Path, str]]:
-        """(path, error) for every file PIL cannot identify or that fails ``Image.verify``."""
-        bad = []
+    def scan(files: list[Path]) -> tuple[list[ImageHeader], list[tuple[Path, str]]]:
+        """Headers of the readable files, and (path, error) for every file PIL cannot identify or that fails
+        ``Image.verify``."""
+        headers, bad = [], []
         for path in files:
             try:
-                # verify() checks structure without decoding all pixels, so it is cheap.
+                # opening reads only the header, and verify() checks structure without decoding all pixels
                 with Image.open(path) as img:
+                    header = read_header(path, img)
                     img.verify()
             except Exception as err:  # any failure means the file cannot be trained on
                 bad.append((path, f"{type(err).__name__}: {err}"))
-        return bad
+            else:
+                headers.append(header)
+        return headers, bad
 
     def _verify(self, files: list[Path]) -> None:
-        bad = self.find_unreadable(files)
-        if not bad:
-            return
-        listed = "\n".join(f"  {path}: {error}" for path, error in bad[:MAX_LISTED])
-        more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
-        raise ValueError(
-            f"{len(bad)} of {len(files)} image files under {str(self.root)!r} are unreadable:\n"
-            f"{listed}{more}\n"
-            "Remove or repair them, or set data.verify=false to skip this check "
-            "(an unreadable file then fails when it is loaded)."
-        )
+        headers, bad = self.scan(files)
+        if bad:
+            raise ValueError(
+                f"{len(bad)} of {len(files)} image files under {str(self.root)!r} are unreadable:\n"
+                f"{_listing([f'{path}: {error}' for path, error in bad])}\n"
+                "Remove or repair them, or set data.verify=false to skip this scan at setup "
+                "(an unreadable file then fails when it is loaded)."
+            )
+        refuse(headers, self.alpha, self._min_size, total=len(files))
+        log.info(self.summary(headers))
+
+    @property
+    def _min_size(self) -> int:
+        return 0 if self.upscale else self.image_size
+
+    def summary(self, headers: list[ImageHeader]) -> str:
+        """One line saying what loading will convert in these images."""
+        target = TARGET_KINDS[PIL_MODES[self.channels]]
+        kinds = Counter(h.kind for h in headers if h.kind != target)
+        done = [f"converted {_images(n, kind)} to {target}" for kind, n in sorted(kinds.items())]
+        if n := sum(h.alpha for h in headers):
+            done.append(f"composited {_images(n, 'transparent')} onto {self.alpha}")
+        if n := sum(h.sixteen_bit for h in headers):
+            done.append(f"scaled {_images(n, '16-bit')} to 8 bit")
+        what = ", ".join(done) if done else f"all 8-bit {target} without transparency, nothing to convert"
+        return f"{self.name}: {_images(len(headers))}; {what}"
 
     def _transform(self, train: bool) -> Compose:
         steps = [Resize(self.image_size), CenterCrop(self.image_size)]  # Resize(int) scales the shorter side
@@ -187,7 +347,7 @@ class ImageFolderDataModule(BaseDataModule):
         if self.verify:
             self._verify(files)
         self.files = files
-        full = ImageFileDataset(files, PIL_MODES[self.channels])
+        full = ImageFileDataset(files, PIL_MODES[self.channels], self.alpha, self._min_size)
         train_idx, val_idx, test_idx = split_indices(
             len(full), self.val_fraction, self.test_fraction, self.seed
         )

@@ -461,7 +461,7 @@ def test_cifar10_partial_copy_is_missing(cifar_root: Path):
 
 
 def test_image_folder_rgb(image_root: Path):
-    dm = ImageFolderDataModule(root=image_root, image_size=16, batch_size=4, val_fraction=0.2)
+    dm = ImageFolderDataModule(root=image_root, image_size=16, batch_size=4, val_fraction=0.2, upscale=True)
     assert dm.data_shape == (3, 16, 16) and dm.num_classes is None and dm.name == "image_folder"
     dm.prepare_data()
     dm.setup("fit")
@@ -478,7 +478,7 @@ def test_image_folder_grayscale_and_not_recursive(image_root: Path):
     dm = ImageFolderDataModule(root=image_root, image_size=8, channels=1, batch_size=2, val_fraction=0.0)
     dm.setup("fit")
     check_batch(next(iter(dm.train_dataloader())), (1, 8, 8), 2)
-    flat = ImageFolderDataModule(root=image_root, batch_size=1, val_fraction=0.0, recursive=False)
+    flat = ImageFolderDataModule(root=image_root, image_size=16, batch_size=1, val_fraction=0.0, recursive=False)
     flat.setup("fit")
     assert [p.name for p in flat.files] == ["5.png"]
 
@@ -554,7 +554,8 @@ def test_image_folder_many_corrupt_files_listed_up_to_ten(image_root: Path):
 def test_image_folder_corrupt_file_unverified(image_root: Path):
     bad = image_root / "a" / "broken.png"
     bad.write_bytes(b"not an image")
-    dm = ImageFolderDataModule(root=image_root, image_size=16, batch_size=2, val_fraction=0.3, verify=False)
+    dm = ImageFolderDataModule(root=image_root, image_size=16, batch_size=2, val_fraction=0.3, verify=False,
+                               upscale=True)
     dm.setup("fit")  # no check at setup
     with pytest.raises(RuntimeError) as info:
         for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
@@ -595,7 +596,7 @@ def test_bad_arguments(make, key: str, tmp_path: Path):
 def test_too_few_images_to_split(tmp_path: Path):
     write_png(tmp_path / "only.png", (8, 8), 0)
     with pytest.raises(ValueError, match="data.val_fraction"):
-        ImageFolderDataModule(root=tmp_path, batch_size=1).setup("fit")
+        ImageFolderDataModule(root=tmp_path, image_size=8, batch_size=1).setup("fit")
 
 
 @pytest.mark.parametrize(
