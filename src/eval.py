@@ -179,12 +179,18 @@ def evaluate_sample_quality(module, cfg: DictConfig, device: torch.device) -> di
     return summary
 
 
-def make_figure(module, cfg: DictConfig, device: torch.device, out_dir: Path) -> dict[str, float]:
-    """Progressive generation or interpolation, written as a grid PNG (rows: chains or pairs) and an npz."""
-    from torchvision.utils import make_grid
+def figure_labels(metric: str, info: dict) -> tuple[list[str], str]:
+    """Column labels and title of the ``progressive`` or ``interpolation`` figure, from ``make_figure``'s info."""
+    if metric == "progressive":
+        return [f"t={t}" for t in info["paper_timesteps"]], "predicted x0 at timestep t (a chain per row)"
+    lambdas = [f"λ={round(lam, 2):g}" for lam in info["lambdas"]]
+    return ["x0", *lambdas, "x0'"], f"(1-λ)·x_t + λ·x_t' at t={info['interp_t']}, decoded"
 
+
+def make_figure(module, cfg: DictConfig, device: torch.device, out_dir: Path) -> dict[str, float]:
+    """Progressive generation or interpolation, written as a labelled grid PNG (rows: chains or pairs) and an npz."""
     from src.diffusion.paper_figures import interpolate, progressive_generation
-    from src.utils.images import save_png
+    from src.utils.images import labelled_grid, save_png
 
     if module.data_shape is None or len(module.data_shape) != 3:
         raise ValueError(f"metric={cfg.metric} draws images; this checkpoint models data of shape {module.data_shape}")
@@ -209,9 +215,10 @@ def make_figure(module, cfg: DictConfig, device: torch.device, out_dir: Path) ->
                             clip_denoised=module.clip_denoised)
         frames = torch.cat([a[None], mixed, b[None]])  # originals at both ends of each row
         info = {"lambdas": lambdas, "interp_t": t + 1}
-    grid = make_grid(frames.transpose(0, 1).flatten(0, 1).float().cpu().clamp(-1, 1), nrow=frames.shape[0],
-                     padding=1, normalize=True, value_range=(-1, 1))
-    save_png((grid * 255).round().to(torch.uint8), out_dir / f"{cfg.metric}.png")
+    labels, title = figure_labels(cfg.metric, info)
+    image = labelled_grid(frames.transpose(0, 1).flatten(0, 1).float().cpu(), nrow=frames.shape[0], labels=labels,
+                          title=title)
+    save_png(image, out_dir / f"{cfg.metric}.png")
     np.savez(out_dir / f"{cfg.metric}.npz", frames=to_uint8(frames.cpu()).numpy())
     log.info("%s grid (%d rows x %d columns) written to %s", cfg.metric, rows, frames.shape[0], out_dir)
     return info

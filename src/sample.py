@@ -4,8 +4,9 @@ Also `sampler.steps=50 sampler.eta=0.0`, `batch_size=`, `seed=`, `weights=ema|ra
 (see configs/sample.yaml).
 
 Writes into the run folder (`outputs/sample/runs/<time>/` by default):
-- images: `samples/000000.png ...` (one PNG per sample), `samples.npz` (key `samples`, uint8 N x H x W x C,
-  the layout FID tools expect) and `grid.png` (the first samples);
+- images: `samples/000000.png ...` (one PNG per sample, at the data's resolution), `samples.npz` (key
+  `samples`, uint8 N x H x W x C, the layout FID tools expect) and `grid.png` (the first samples, enlarged: see
+  `src.utils.images.image_grid`);
 - 2-D points (data shape (D,)): `samples.npz` (key `samples`, float32 N x D) and `scatter.png`.
 
 Class-conditional checkpoints (trained with `conditional=true`): `class_label=3` draws class 3 only, null cycles
@@ -143,9 +144,10 @@ def write_samples(samples: Tensor, out_dir: Path, module: DDPMModule, seed: int 
         return npz
     images = to_uint8(samples)  # (N, C, H, W); clips to [-1, 1]
     np.savez(npz, samples=images.permute(0, 2, 3, 1).contiguous().numpy(), **extra)
+    # one PNG per sample at the data's own resolution, not enlarged: these are what FID tools read
     for i, image in enumerate(images):
         save_png(image, out_dir / "samples" / f"{i:06d}.png")
-    save_png(image_grid(samples[:GRID_MAX], nrow=grid_nrow), out_dir / "grid.png")
+    save_png(image_grid(samples[:GRID_MAX], nrow=grid_nrow), out_dir / "grid.png")  # enlarged for people
     return npz
 
 

@@ -233,7 +233,7 @@ def test_sample_grid_has_one_row_per_class(tmp_path):
     trainer = SimpleNamespace(global_step=7, loggers=[], datamodule=None, default_root_dir=str(tmp_path))
     grid_cb._write(trainer, module, "g")
     assert module.calls == [(15, 3.0)]  # 13 rounded to 3 per class
-    image = np.array(Image.open(tmp_path / "g.png"))
+    image = np.array(Image.open(tmp_path / "g.png"))[::4, ::4]  # the grid is enlarged 4x (32 px tiles)
     assert image.shape[:2] == (1 + 5 * 9, 1 + 3 * 9)  # 5 rows x 3 columns of 8x8 tiles, padding 1
     for row in range(5):
         for col in range(3):
@@ -283,9 +283,9 @@ def test_conditional_train_then_guided_sample_entry_points(tmp_path, one_thread)
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert saved["ddpm_config"]["model"]["num_classes"] == 10 and saved["ddpm_config"]["conditional"] is True
     assert saved["state_dict"]["net.label_emb.weight"].shape == (11, 4 * 32)
-    # the final grid: one row per class, one sample each (10 rows of 8x8 tiles, padding 1)
+    # the final grid: one row per class, one sample each (10 rows of 8x8 tiles, padding 1, enlarged 4x)
     grid = np.array(Image.open(next((run_dir / "samples").glob("final-step=*.png"))))
-    assert grid.shape[:2] == (1 + 10 * 9, 1 + 9)
+    assert grid.shape[:2] == (4 * (1 + 10 * 9), 4 * (1 + 9))
 
     out = tmp_path / "sampled"
     result = run_entry_point("src.sample", f"ckpt_path={ckpt}", "class_label=3", "guidance_scale=2.0",

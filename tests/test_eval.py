@@ -111,6 +111,7 @@ def test_swd_on_a_toy_model(tmp_path):
 @pytest.mark.parametrize("figure", ["progressive", "interpolation"])
 def test_paper_figures_through_the_entry_point(digits_checkpoint, tmp_path, figure):
     import numpy as np
+    from PIL import Image
 
     out = tmp_path / figure
     result = run_entry_point("src.eval", f"ckpt_path={digits_checkpoint}", f"metric={figure}", "figure.rows=3",
@@ -120,7 +121,11 @@ def test_paper_figures_through_the_entry_point(digits_checkpoint, tmp_path, figu
     frames = np.load(out / f"{figure}.npz")["frames"]
     # progressive (T=50, every 10): paper t = 50, 41, 31, 21, 11, 1; interpolation: 5 lambdas + both ends
     assert frames.shape == ((6 if figure == "progressive" else 7), 3, 1, 8, 8)
-    assert (out / f"{figure}.png").is_file()
+    # the picture: the grid of 8x8 tiles (padding 1) enlarged to 32 px tiles, under a strip of column labels
+    png = np.array(Image.open(out / f"{figure}.png").convert("RGB"))
+    grid_h, grid_w = 4 * (1 + 3 * 9), 4 * (1 + frames.shape[0] * 9)
+    assert png.shape[1] == grid_w and png.shape[0] > grid_h
+    assert png[:png.shape[0] - grid_h].min() < 128  # dark label text on the white strip
     summary = json.loads((out / "metrics.json").read_text())
     if figure == "interpolation":
         assert summary["interp_t"] == 25 and summary["lambdas"][0] == 0.0

@@ -47,7 +47,7 @@ def check_image_run(out: Path) -> np.ndarray:
     # each PNG holds the same pixels as its npz row
     assert np.array_equal(np.array(Image.open(pngs[3])), arr[3, ..., 0])
     grid = np.array(Image.open(out / "grid.png"))
-    assert grid.ndim >= 2 and grid.shape[0] > 8 and grid.shape[1] > 8  # 3x3 layout of 8x8 tiles
+    assert grid.shape[:2] == (4 * 19, 4 * 28)  # 2 rows of 3 8x8 tiles (padding 1), enlarged to 32 px tiles
     assert (out / ".hydra" / "config.yaml").is_file()
     return arr
 
