@@ -18,6 +18,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from src.callbacks.resume import ExactResume
 from src.utils.instantiate import (
     fill_model_from_data,
     fill_model_num_classes,
@@ -67,7 +68,7 @@ def build(cfg: DictConfig) -> dict[str, Any]:
                     datamodule.name)
         module.clip_denoised = False
         run_config["module"]["clip_denoised"] = False  # so the checkpoint rebuilds the same module
-    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    callbacks = instantiate_callbacks(cfg.get("callbacks"), always=[ExactResume()])
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     record_world(run_config, trainer, datamodule)

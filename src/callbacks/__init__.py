@@ -1,9 +1,10 @@
 """Training callbacks that are ours; checkpoints and LR monitoring come from Lightning."""
 
+from src.callbacks.checkpoint import StepCheckpoint
 from src.callbacks.ema import EMA
 from src.callbacks.fid import FIDCallback
-from src.callbacks.last_checkpoint import LastCheckpointOnTrainEnd
 from src.callbacks.progress import ThrottledRichProgressBar
+from src.callbacks.resume import ExactResume
 from src.callbacks.sample_grid import SampleGrid
 
-__all__ = ["EMA", "FIDCallback", "LastCheckpointOnTrainEnd", "SampleGrid", "ThrottledRichProgressBar"]
+__all__ = ["EMA", "ExactResume", "FIDCallback", "SampleGrid", "StepCheckpoint", "ThrottledRichProgressBar"]

@@ -207,9 +207,19 @@ class BaseDataModule(L.LightningDataModule):
             # Dropping the ragged last batch keeps batch statistics even, but only if a full batch exists.
             drop_last=train and n >= self.batch_size,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self._pin_memory(),
             persistent_workers=self.num_workers > 0,
         )
+
+    def _pin_memory(self) -> bool:
+        """``pin_memory`` where it helps: batches go to a CUDA device (on a CPU, pinning only costs time and torch
+        warns about it)."""
+        if not self.pin_memory:
+            return False
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
 
     def train_dataloader(self) -> DataLoader:
         if self.device_resident:

@@ -229,28 +229,3 @@ class DDPMModule(L.LightningModule):
         if self.run_config is not None:
             checkpoint["ddpm_config"] = self.run_config
         checkpoint["ddpm_data_shape"] = list(self.data_shape) if self.data_shape else None
-        # t, the noise and dropout come from the global RNG: saved so a resumed run draws what an unbroken one would
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state(),
-                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._resume_rng_states = checkpoint.get("rng_states")
-
-    def on_train_start(self) -> None:
-        # Resuming mid-epoch: the epoch's order is replayed from its seed, minus the batches already used.
-        loader = self.trainer.train_dataloader
-        # batches of this epoch whose step ran (the checkpoint was written after the last of them)
-        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        sampler = getattr(loader, "sampler", None)
-        if done >= self.trainer.num_training_batches:  # saved after an epoch's last batch: a fresh epoch follows
-            done = 0
-        if done and hasattr(sampler, "skip") and hasattr(loader, "batch_size"):
-            sampler.skip = done * loader.batch_size
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        states = getattr(self, "_resume_rng_states", None)
-        if states:
-            torch.set_rng_state(states["torch"])
-            if states["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(states["cuda"])
-            self._resume_rng_states = None

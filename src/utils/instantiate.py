@@ -78,13 +78,14 @@ def fill_model_num_classes(model_cfg: DictConfig, conditional: bool, data_num_cl
         model_cfg.num_classes = int(data_num_classes)
 
 
-def instantiate_callbacks(callbacks_cfg: DictConfig | None) -> list[L.Callback]:
-    """Build the callbacks, keeping weight averaging (EMA) after every other callback.
+def instantiate_callbacks(callbacks_cfg: DictConfig | None, always: list[L.Callback] = ()) -> list[L.Callback]:
+    """Build the callbacks of the config group plus ``always``, keeping weight averaging (EMA) after every other
+    callback.
 
     Lightning calls callback hooks in list order; the EMA callback swaps the raw weights back at the end of
     validation, so callbacks that sample at that hook must run before it to see the averaged weights.
     """
-    callbacks = _instantiate_group(callbacks_cfg, "callbacks")
+    callbacks = [*_instantiate_group(callbacks_cfg, "callbacks"), *always]
     return sorted(callbacks, key=lambda cb: isinstance(cb, WeightAveraging))
 
 

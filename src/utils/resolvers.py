@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+# The file that marks the project's root folder (the template's convention): run folders and data go below it.
+ROOT_MARKER = ".project-root"
+
+
+def project_root() -> str:
+    """Where ``outputs/`` and ``data/`` live: ``$DDPM_ROOT`` if set, else the nearest folder at or above the
+    working directory holding ``.project-root`` (a clone of this repository), else the working directory.
+
+    Found from the environment and the file system alone, so it resolves at any time: ``${hydra:runtime.cwd}``
+    is unset while Hydra resolves ``hydra.sweep.dir``, which made every multirun fail before its first job.
+    """
+    if os.environ.get("DDPM_ROOT"):
+        return str(Path(os.environ["DDPM_ROOT"]).expanduser().resolve())
+    cwd = Path.cwd().resolve()
+    for folder in (cwd, *cwd.parents):
+        if (folder / ROOT_MARKER).is_file():
+            return str(folder)
+    return str(cwd)
 
 
 def run_group(experiment_name: str) -> str:
@@ -32,6 +52,8 @@ def slurm_count(value, key: str) -> int:
 
 
 def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("project_root"):
+        OmegaConf.register_new_resolver("project_root", project_root, use_cache=True)
     if not OmegaConf.has_resolver("run_group"):
         OmegaConf.register_new_resolver("run_group", run_group)
     if not OmegaConf.has_resolver("slurm_count"):
