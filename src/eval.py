@@ -7,7 +7,6 @@ import json
 import logging
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import hydra
 import numpy as np
@@ -289,9 +288,9 @@ def send_to_loggers(cfg: DictConfig, summary: dict, out_dir: Path) -> None:
     """Log the numbers (as ``eval/<name>``) and the figures written to ``out_dir`` to the configured loggers."""
     from PIL import Image
 
-    from src.train import finish_wandb, log_hyperparams
     from src.utils.images import log_image
     from src.utils.instantiate import instantiate_loggers
+    from src.utils.loggers import finish_wandb, log_hyperparams
 
     loggers = instantiate_loggers(cfg.get("logger"))
     if not loggers:
@@ -305,7 +304,7 @@ def send_to_loggers(cfg: DictConfig, summary: dict, out_dir: Path) -> None:
             image = torch.from_numpy(np.asarray(Image.open(png).convert("RGB"))).permute(2, 0, 1)
             log_image([logger], f"eval/{png.stem}", image, step=0)
         logger.save()
-    finish_wandb(SimpleNamespace(loggers=loggers))
+    finish_wandb(loggers)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval.yaml")

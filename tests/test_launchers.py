@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
-from src.train import slurm_requeue_checkpoint
+from src.utils.resume import slurm_requeue_checkpoint
 from tests.conftest import CONFIG_DIR, ROOT, TINY, run_entry_point
 
 
@@ -197,31 +197,27 @@ def touch(path: Path, mtime: float) -> Path:
 
 
 def test_requeued_job_resumes_from_the_newest_checkpoint_of_its_run_folder(tmp_path, monkeypatch):
-    import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     run_dir = tmp_path / "run"
-    trainer = L.Trainer(default_root_dir=run_dir, callbacks=[ModelCheckpoint(dirpath=run_dir / "checkpoints")],
-                        logger=False, accelerator="cpu", devices=1, enable_progress_bar=False)
+    folders = (run_dir, run_dir / "checkpoints")
     slurm_task_env(monkeypatch, ntasks=1, ntasks_per_node=1, procid=0, localid=0, nodeid=0, restart_count=1)
-    assert slurm_requeue_checkpoint(trainer) is None  # requeued before any checkpoint: nothing to resume
+    assert slurm_requeue_checkpoint(*folders) is None  # requeued before any checkpoint: nothing to resume
     touch(run_dir / "hpc_ckpt_1.ckpt", 100)
     last = touch(run_dir / "checkpoints" / "last.ckpt", 150)
-    assert slurm_requeue_checkpoint(trainer) == str(last)
+    assert slurm_requeue_checkpoint(*folders) == str(last)
     hpc_9 = touch(run_dir / "hpc_ckpt_9.ckpt", 200)
-    assert slurm_requeue_checkpoint(trainer) == str(hpc_9)
+    assert slurm_requeue_checkpoint(*folders) == str(hpc_9)
     hpc_10 = touch(run_dir / "hpc_ckpt_10.ckpt", 300)  # newer, though "9" sorts after "10" as text
-    assert slurm_requeue_checkpoint(trainer) == str(hpc_10)
+    assert slurm_requeue_checkpoint(*folders) == str(hpc_10)
     touch(last, 400)  # a periodic checkpoint or the SIGTERM one after the last signal
-    assert slurm_requeue_checkpoint(trainer) == str(last)
+    assert slurm_requeue_checkpoint(*folders) == str(last)
     # the first attempt of a job, and runs outside SLURM, keep ckpt_path as configured
     monkeypatch.delenv("SLURM_RESTART_COUNT")
-    assert slurm_requeue_checkpoint(trainer) is None
+    assert slurm_requeue_checkpoint(*folders) is None
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
     monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # Lightning's opt-out of SLURM detection
-    assert slurm_requeue_checkpoint(trainer) is None
+    assert slurm_requeue_checkpoint(*folders) is None
     monkeypatch.delenv("SLURM_NTASKS")
-    assert slurm_requeue_checkpoint(trainer) is None
+    assert slurm_requeue_checkpoint(*folders) is None
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from src.utils.checkpoint import load_module
-from tests.conftest import TINY, assert_same_weights_and_ema, run_entry_point, run_whole_and_split, write_fake_cifar10
+from tests.conftest import TINY, run_entry_point, write_fake_cifar10
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:
@@ -169,11 +169,13 @@ def test_resume_from_last_checkpoint_continues_steps_and_ema(tmp_path):
     assert int(before["averaging_state"]["n_averaged"]) == 4 and int(after["averaging_state"]["n_averaged"]) == 8
     # the warm-up schedule continued rather than restarting
     assert after["lr_schedulers"][0]["last_epoch"] == 8
-    # metrics.csv keeps the first attempt's rows and appends the second's
+    # metrics.csv keeps the first attempt's step rows and appends the second's; the first attempt's aggregate of
+    # the epoch it stopped in is dropped (the resumed run writes that epoch's when it ends)
     rows = read_metrics(run_dir)
-    assert rows[:len(first_rows)] == first_rows and len(rows) > len(first_rows)
+    kept = [r for r in first_rows if not r.get("train/loss_epoch")]
+    assert rows[:len(kept)] == kept and len(rows) > len(first_rows)
     steps = [int(r["step"]) for r in rows if r.get("train/loss_step")]
-    assert min(steps) < 4 <= max(steps)
+    assert steps == sorted(set(steps)) and min(steps) < 4 <= max(steps)
 
 
 @pytest.mark.slow
@@ -188,17 +190,6 @@ def test_named_sweep_runs_the_schedule_by_variance_grid(tmp_path):
         combos.add((config["diffusion"]["schedule"], config["diffusion"]["variance"]))
         assert (sweep_dir / str(job) / "checkpoints" / "last.ckpt").is_file()
     assert combos == {(s, v) for s in ("linear", "cosine") for v in ("fixed_large", "fixed_small")}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("split", [4, 3], ids=["mid-epoch", "epoch-end"])
-def test_resume_is_exact(tmp_path, split):
-    """N steps in one run == N/2 steps, a restart from last.ckpt, and the rest: same weights and EMA, bit for bit."""
-    common = [*TINY, "callbacks.sample_grid=null", "trainer.deterministic=true", "trainer.limit_train_batches=3",
-              f"callbacks.model_checkpoint.every_n_train_steps={split}"]
-    whole, split_run = run_whole_and_split(tmp_path, common, total=8, split=split)
-    assert whole["global_step"] == 8
-    assert_same_weights_and_ema(split_run, whole)  # EMA and raw weights
 
 
 @pytest.mark.parametrize(

@@ -46,12 +46,13 @@ class StepCheckpoint(ModelCheckpoint):
         super().__init__(*args, enable_version_counter=enable_version_counter,
                          save_on_train_epoch_end=save_on_train_epoch_end, **kwargs)
         self._interrupt_requested = False
+        self._stop_pending = False
         self._previous_sigint: Any = None
 
     # ---------------------------------------------------------------- when to write last.ckpt
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._interrupt_requested = False
+        self._interrupt_requested = self._stop_pending = False
         if threading.current_thread() is threading.main_thread():
             self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
 
@@ -65,13 +66,27 @@ class StepCheckpoint(ModelCheckpoint):
         if last_step or interrupted or trainer.received_sigterm:
             reason = "Ctrl+C" if interrupted else "SIGTERM" if trainer.received_sigterm else None
             self.save_last_now(trainer, reason)
-        if interrupted:
-            raise KeyboardInterrupt
+        # Ctrl+C: stop at the next hook, once Lightning has logged this step's metrics (a resumed run does not
+        # log them again); a validation due at this step is skipped, as a resume from this checkpoint skips it
+        self._stop_pending = interrupted
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._stop_if_interrupted()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_if_interrupted()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
         if trainer.should_stop or 0 < trainer.max_epochs <= trainer.current_epoch + 1:
             self.save_last_now(trainer)
+        self._stop_if_interrupted()
+
+    def _stop_if_interrupted(self) -> None:
+        if self._stop_pending:
+            self._stop_pending = False
+            raise KeyboardInterrupt
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # not Lightning's save at train end (see the class docstring): last.ckpt holds the final step already

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
@@ -10,6 +9,35 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from src.models.ddpm_module import DDPMModule
+
+
+def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", header_only: bool = False) -> dict:
+    """A checkpoint written by this project (``src.train`` or ``src.convert``), read with ``weights_only=True``.
+
+    ``header_only`` memory-maps the tensors instead of reading them: cheap, for looking at the config and step.
+    Anything else (a text file, a torn download, another project's weights) is a ValueError that says so.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=header_only)
+        except RuntimeError:
+            if not header_only:
+                raise
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)  # an old, unzipped format
+    except Exception as err:  # torch raises many types for files that are not checkpoints
+        raise ValueError(
+            f"{path} cannot be read as a checkpoint of this project ({type(err).__name__}: {err}); "
+            "pass a .ckpt written by `python -m src.train` (see <run folder>/checkpoints/)"
+        ) from err
+    if not isinstance(ckpt, dict) or "ddpm_config" not in ckpt or "state_dict" not in ckpt:
+        keys = sorted(map(str, ckpt))[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(
+            f"{path} was not written by `python -m src.train` (no 'ddpm_config' and 'state_dict'; found {keys}); "
+            "weights from other projects need converting first (diffusers: `python -m src.convert`)"
+        )
+    return ckpt
 
 
 def load_module(path: str | Path, map_location: str | torch.device = "cpu", weights: str = "ema",
@@ -24,22 +52,7 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu", weig
     """
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        raise ValueError(
-            f"{path} cannot be read as a checkpoint of this project ({type(err).__name__}: {err}); "
-            "pass a .ckpt written by `python -m src.train` (see <run folder>/checkpoints/)"
-        ) from err
-    if not isinstance(ckpt, dict) or "ddpm_config" not in ckpt or "state_dict" not in ckpt:
-        keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(
-            f"{path} was not written by `python -m src.train` (no 'ddpm_config' and 'state_dict'; found {keys}); "
-            "weights from other projects need converting first"
-        )
+    ckpt = read_checkpoint(Path(path), map_location=map_location)
     cfg = OmegaConf.create(ckpt["ddpm_config"])
     if compile is not None:
         cfg.module.compile = bool(compile)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import IO, Any
 
@@ -47,8 +49,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temp, target)
-        except BaseException:
+        except BaseException as err:
             temp.unlink(missing_ok=True)
+            full = _out_of_space(err, target)
+            if full is not None:
+                raise full from err
             raise
         _fsync_dir(target.parent)
         self._remove_stale_temps(target)
@@ -61,6 +66,31 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         for stale in target.parent.glob(f"{glob.escape(target.name)}{self.TEMP_MARK}*"):
             log.info("removing %s, left by an interrupted checkpoint write", stale)
             stale.unlink(missing_ok=True)
+
+
+def _out_of_space(err: BaseException, target: Path) -> OSError | None:
+    """A clear error for a write that failed for lack of room (torch reports it as ``unexpected pos``), else None."""
+    chain, cause = [], err
+    while cause is not None and len(chain) < 8:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    codes = {getattr(e, "errno", None) for e in chain if isinstance(e, OSError)}
+    torn = any("unexpected pos" in str(e) for e in chain)
+    try:
+        free = shutil.disk_usage(target.parent).free
+    except OSError:
+        free = None
+    kept = "the previous checkpoint is intact" if target.exists() else "no checkpoint of this name was written"
+    if codes & {errno.ENOSPC, errno.EDQUOT} or (torn and free is not None and free < 64 * 2**20):
+        room = f" ({free / 2**20:.0f} MiB free)" if free is not None else ""
+        return OSError(errno.ENOSPC, f"no space left in {target.parent}{room} while writing {target.name}; {kept}. "
+                       "Free some space (older step=*.ckpt files can go; a lower "
+                       "callbacks.model_checkpoint.save_top_k keeps fewer), then resume with ckpt_path=last")
+    if errno.EFBIG in codes:
+        return OSError(errno.EFBIG, f"{target.name} exceeds the file size limit of this process (ulimit -f) or of "
+                       f"the file system of {target.parent}; {kept}. Raise the limit or write checkpoints elsewhere "
+                       "(callbacks.model_checkpoint.dirpath)")
+    return None
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import csv
 import logging
+import netrc
 import os
+import socket
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -82,3 +86,88 @@ class ResumableCSVLogger(CSVLogger):
             writer.write_rows(kept, list(rows[0].keys()))
             log.info("metrics.csv: dropped %d rows written after step %d by the attempt that stopped there",
                      len(rows) - len(kept), step)
+
+
+# --------------------------------------------------------------------------- Weights & Biases
+def wandb_online(logger_cfg: Any) -> bool:
+    """Whether the logger group holds a W&B logger that would talk to a server."""
+    node = (logger_cfg or {}).get("wandb") if logger_cfg is not None else None
+    if node is None or node.get("offline") or node.get("mode") in ("offline", "disabled"):
+        return False
+    return os.environ.get("WANDB_MODE", "").lower() not in ("offline", "dryrun", "disabled")
+
+
+def wandb_server_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the W&B server cannot be reached from here (None if it can): a TCP connection to ``$WANDB_BASE_URL``
+    (default https://api.wandb.ai) within ``timeout`` seconds. wandb itself retries for minutes before failing."""
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    host = url.hostname or "api.wandb.ai"
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return f"{host}:{port}: {err}"
+    return None
+
+
+def wandb_credentials_present() -> bool:
+    """An API key in the environment or in ~/.netrc (where `wandb login` writes it)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def fall_back_to_offline_wandb(logger_cfg: Any) -> None:
+    """W&B with credentials but no way to the server: log offline (in place, so the run's config says so) instead
+    of stalling for minutes and failing. Without credentials nothing changes: the run stops with what to do."""
+    if not wandb_online(logger_cfg) or not wandb_credentials_present():
+        return
+    reason = wandb_server_unreachable()
+    if reason is None:
+        return
+    logger_cfg.wandb.offline = True
+    log.warning("W&B server unreachable (%s): logging offline into <run folder>/wandb instead; upload the run "
+                "later with `wandb sync <run folder>/wandb/offline-run-*`", reason)
+
+
+def log_hyperparams(logger: Any, run_config: dict) -> None:
+    """Send the resolved config to a logger; a W&B logger without credentials fails here, before training."""
+    try:
+        logger.log_hyperparams(run_config)
+    except Exception as err:
+        if type(err).__name__ == "UsageError" and type(err).__module__.startswith("wandb"):
+            raise RuntimeError(
+                f"W&B cannot start: {err}. Run `wandb login` or set WANDB_API_KEY; or log offline with "
+                "WANDB_MODE=offline (sync later with `wandb sync`); or choose another logger (logger=csv)"
+            ) from err
+        if type(err).__module__.startswith("wandb"):
+            raise RuntimeError(
+                f"W&B cannot start ({type(err).__name__}: {err}). Log offline with WANDB_MODE=offline (sync later "
+                "with `wandb sync`), or choose another logger (logger=csv)") from err
+        raise
+
+
+def record_checkpoint_path(loggers: list, path: str | None) -> None:
+    """Put the newest checkpoint's path into the W&B run summary, so a dashboard row leads to its weights."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not path:
+        return
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.summary["checkpoint_path"] = str(path)
+
+
+def finish_wandb(loggers: list) -> None:
+    """Close the W&B run: otherwise the next job of a multirun, in the same process, would log into it."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(logger, WandbLogger) for logger in loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
