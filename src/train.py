@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -25,6 +25,7 @@ from src.utils.instantiate import (
     instantiate_callbacks,
     instantiate_loggers,
 )
+from src.utils.progress import training_progress
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,9 @@ def build(cfg: DictConfig) -> dict[str, Any]:
         module.clip_denoised = False
         run_config["module"]["clip_denoised"] = False  # so the checkpoint rebuilds the same module
     callbacks = instantiate_callbacks(cfg.get("callbacks"), always=[ExactResume()])
+    if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(cb, ProgressBar) for cb in callbacks):
+        # without one Lightning adds its epoch-counting Rich bar, also into log files
+        callbacks.insert(0, training_progress())
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     record_world(run_config, trainer, datamodule)
