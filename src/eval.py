@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.utils.checkpoint import load_module
 from src.utils.images import to_uint8
+from src.utils.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +65,22 @@ def evaluate_nll(module, loader, cfg: DictConfig, device: torch.device) -> dict[
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
     sums: dict[str, torch.Tensor] = {}
     count = 0
-    for i, (x, _) in enumerate(loader):
-        if cfg.num_batches is not None and i >= cfg.num_batches:
-            break
-        x0 = to_8bit_grid(x.to(device))
-        out = module.diffusion.bits_per_dim(module.net, x0, generator=generator, progress=cfg.progress,
-                                            clip_denoised=cfg.clip_denoised)
-        for key in ("total", "prior", "terms", "mse"):
-            sums[key] = sums.get(key, 0) + out[key].double().sum(dim=0).cpu()
-        count += x0.shape[0]
-        log.info("batch %d: %d images, running NLL %.4f bits/dim", i, count, (sums["total"] / count).item())
+    total = len(loader) if hasattr(loader, "__len__") else None
+    if cfg.num_batches is not None:
+        total = min(total, int(cfg.num_batches)) if total is not None else int(cfg.num_batches)
+    # the per-batch bits/dim progress nests under this one
+    with track(total=total, desc="nll", unit="batches", enabled=bool(cfg.progress)) as bar:
+        for i, (x, _) in enumerate(loader):
+            if cfg.num_batches is not None and i >= cfg.num_batches:
+                break
+            x0 = to_8bit_grid(x.to(device))
+            out = module.diffusion.bits_per_dim(module.net, x0, generator=generator, progress=cfg.progress,
+                                                clip_denoised=cfg.clip_denoised)
+            for key in ("total", "prior", "terms", "mse"):
+                sums[key] = sums.get(key, 0) + out[key].double().sum(dim=0).cpu()
+            count += x0.shape[0]
+            log.info("batch %d: %d images, running NLL %.4f bits/dim", i, count, (sums["total"] / count).item())
+            bar.update(1)
     if count == 0:
         raise ValueError(f"the {cfg.split} split is empty: choose another split=")
     return {k: v / count for k, v in sums.items()} | {"count": torch.tensor(count)}

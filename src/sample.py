@@ -35,6 +35,7 @@ from src.models.ddpm_module import DDPMModule
 from src.utils.checkpoint import load_module
 from src.utils.images import image_grid, save_png, scatter_image, to_uint8
 from src.utils.precision import network_precision, resolve_precision
+from src.utils.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -89,24 +90,18 @@ def draw(module: DDPMModule, sampler: Callable[..., Tensor], num_samples: int, b
         raise RuntimeError("the checkpoint does not record the data shape (ddpm_data_shape); re-save it with "
                            "`python -m src.train`")
     batches = [min(batch_size, num_samples - start) for start in range(0, num_samples, batch_size)]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=num_samples, desc="samples", unit="sample")
     out = []
-    for start, n in zip(range(0, num_samples, batch_size), batches, strict=True):
-        batch_labels = None if labels is None else labels[start:start + n].to(device)
-        model = conditional_model(module.net, batch_labels, guidance_scale)
-        # inference_mode: no autograd bookkeeping at all (cheaper than no_grad per op)
-        with torch.inference_mode(), network_precision(precision, device):
-            x = sampler(module.diffusion, model, (n, *module.data_shape), generator=generator,
-                        progress=progress, clip_denoised=module.clip_denoised, device=device)
-        out.append(x.float().cpu())
-        if bar is not None:
+    # the sampler's per-step progress nests under this one (a bar below it; silent as log lines)
+    with track(total=num_samples, desc="samples", unit="samples", enabled=progress) as bar:
+        for start, n in zip(range(0, num_samples, batch_size), batches, strict=True):
+            batch_labels = None if labels is None else labels[start:start + n].to(device)
+            model = conditional_model(module.net, batch_labels, guidance_scale)
+            # inference_mode: no autograd bookkeeping at all (cheaper than no_grad per op)
+            with torch.inference_mode(), network_precision(precision, device):
+                x = sampler(module.diffusion, model, (n, *module.data_shape), generator=generator,
+                            progress=progress, clip_denoised=module.clip_denoised, device=device)
+            out.append(x.float().cpu())
             bar.update(n)
-    if bar is not None:
-        bar.close()
     return torch.cat(out)
 
 

@@ -28,7 +28,10 @@ def build(cfg: DictConfig, ckpt_path: str | None = None) -> dict[str, Any]:
         instantiate_callbacks,
         instantiate_loggers,
     )
+    from lightning.pytorch.callbacks import ProgressBar
+
     from src.utils.loggers import fall_back_to_offline_wandb, log_hyperparams
+    from src.utils.progress import training_progress
     from src.utils.resume import check_resume_checkpoint
 
     if cfg.get("seed") is not None:
@@ -60,6 +63,9 @@ def build(cfg: DictConfig, ckpt_path: str | None = None) -> dict[str, Any]:
     module = instantiate(cfg.module, net=net, diffusion=diffusion, data_shape=data_shape)
     module.run_config = run_config  # set after instantiate, which would build the _target_s inside it
     callbacks = instantiate_callbacks(cfg.get("callbacks"), always=[ExactResume()])
+    if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(cb, ProgressBar) for cb in callbacks):
+        # without one Lightning adds its epoch-counting Rich bar, also into log files
+        callbacks.insert(0, training_progress())
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     record_world(run_config, trainer, datamodule)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from src.callbacks.ema import SyncFreeAveragedModel
-from src.callbacks.progress import ThrottledRichProgressBar
+from src.callbacks.progress import ThrottledRichProgressBar, TrainingProgressLines
 from src.train import train
 from tests.conftest import compose_config
 
@@ -144,3 +144,22 @@ def test_progress_bar_reads_the_step_loss_every_n_steps(monkeypatch):
     assert bar.get_metrics(trainer, None)["train/loss"] == 8.0 and metrics.reads == 3
     with pytest.raises(ValueError, match="every_n_steps must be >= 1"):
         ThrottledRichProgressBar(every_n_steps=0)
+
+
+def test_progress_lines_read_the_step_loss_only_for_a_line(monkeypatch):
+    from src.utils import progress
+
+    now = [0.0]
+    monkeypatch.setattr(progress, "_clock", lambda: now[0])
+    lines = TrainingProgressLines(every_n_steps=4, every_n_seconds=30)
+    metrics = CountingMetrics({"train/loss": torch.tensor(0.5)})
+    trainer = SimpleNamespace(global_step=0, max_steps=1000, max_epochs=-1, current_epoch=0,
+                              callback_metrics=metrics)
+    lines.on_train_start(trainer, None)
+    for step_ in range(1, 41):
+        now[0] += 2.0  # a line is due every 15 steps, checked every 4: at steps 16 and 32
+        trainer.global_step = step_
+        lines.on_train_batch_end(trainer, None, None, None, step_ - 1)
+    assert metrics.reads == 2
+    lines.on_train_end(trainer, None)
+    assert metrics.reads == 3  # the final line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
 from PIL import Image
 
 from src.sample import sample, write_samples
@@ -157,3 +159,22 @@ def test_compile_at_load_follows_the_run_unless_overridden(ckpt, tmp_path, monke
     sample_in_process(compiled_run, out, "compile=false")
     with np.load(out / "samples.npz") as f:
         assert f["samples"].shape == (5, 8, 8, 1)
+
+
+def test_draw_reports_samples_not_every_step_in_a_log_file(capfd, caplog, monkeypatch):
+    from src.diffusion import GaussianDiffusion, make_beta_schedule
+    from src.sample import draw, make_sampler
+
+    monkeypatch.delenv("DDPM_PROGRESS", raising=False)
+    caplog.set_level(logging.INFO, logger="src.utils.progress")
+    module = SimpleNamespace(data_shape=(2,), net=lambda x, t: 0.1 * x,
+                             diffusion=GaussianDiffusion(make_beta_schedule("linear", 40)), clip_denoised=False)
+    sampler = make_sampler(OmegaConf.create({"name": "ddpm", "steps": None}), 40)
+    out = draw(module, sampler, 5, 2, torch.Generator().manual_seed(0), torch.device("cpu"), progress=True)
+    assert out.shape == (5, 2)
+    captured = capfd.readouterr()
+    assert "\r" not in captured.out + captured.err and "\x1b[" not in captured.out + captured.err
+    lines = [r.getMessage() for r in caplog.records if r.name == "src.utils.progress"]
+    # the per-step progress of each batch is silent under the samples one
+    assert lines and all(line.startswith("samples: ") for line in lines)
+    assert lines[-1].startswith("samples: 5/5 done in")

@@ -3,8 +3,9 @@
 from src.callbacks.checkpoint import StepCheckpoint
 from src.callbacks.ema import EMA
 from src.callbacks.fid import FIDCallback
-from src.callbacks.progress import ThrottledRichProgressBar
+from src.callbacks.progress import ThrottledRichProgressBar, TrainingProgressLines
 from src.callbacks.resume import ExactResume
 from src.callbacks.sample_grid import SampleGrid
 
-__all__ = ["EMA", "ExactResume", "FIDCallback", "SampleGrid", "StepCheckpoint", "ThrottledRichProgressBar"]
+__all__ = ["EMA", "ExactResume", "FIDCallback", "SampleGrid", "StepCheckpoint", "ThrottledRichProgressBar",
+           "TrainingProgressLines"]

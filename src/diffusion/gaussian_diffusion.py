@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from src.diffusion.losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from src.utils.progress import track
 
 Model = Callable[[Tensor, Tensor], Tensor]
 
@@ -318,16 +319,13 @@ class GaussianDiffusion:
         first = self.num_timesteps - 1 if start_t is None else int(start_t)
         if not 0 <= first < self.num_timesteps:
             raise ValueError(f"start_t must be in [0, {self.num_timesteps - 1}], got {start_t}")
-        indices = range(first, -1, -1)
-        if progress:
-            from tqdm.auto import tqdm
-
-            indices = tqdm(indices, desc="sampling", leave=False)
-        for i in indices:
-            t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
-            out = self.p_sample(model, x, t, clip_denoised=clip_denoised, generator=generator)
-            x = out["sample"]
-            yield {"t": i, "sample": x, "pred_x0": out["pred_x0"]}
+        # a with block: a consumer that stops early still closes the progress report
+        with track(range(first, -1, -1), desc="sampling", unit="steps", enabled=progress) as indices:
+            for i in indices:
+                t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
+                out = self.p_sample(model, x, t, clip_denoised=clip_denoised, generator=generator)
+                x = out["sample"]
+                yield {"t": i, "sample": x, "pred_x0": out["pred_x0"]}
 
     @torch.no_grad()
     def sample(self, model: Model, shape: tuple[int, ...], generator: torch.Generator | None = None,
@@ -444,12 +442,7 @@ class GaussianDiffusion:
         terms = torch.zeros(batch, num, device=x0.device, dtype=x0.dtype)
         mse = torch.zeros_like(terms)
         eps_mse = torch.zeros_like(terms)
-        indices = range(num - 1, -1, -1)
-        if progress:
-            from tqdm.auto import tqdm
-
-            indices = tqdm(indices, desc="bits/dim", leave=False)
-        for i in indices:
+        for i in track(range(num - 1, -1, -1), desc="bits/dim", unit="steps", enabled=progress):
             t = torch.full((batch,), i, device=x0.device, dtype=torch.long)
             noise = self._randn_like(x0, generator)
             x_t = self.q_sample(x0, t, noise)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from src.diffusion.gaussian_diffusion import GaussianDiffusion, Model, _model_device, randn
+from src.utils.progress import track
 
 __all__ = ["space_timesteps", "respace", "RespacedModel", "ddpm_sample", "ddim_sample", "resolve_timesteps",
            "SAMPLERS"]
@@ -150,14 +151,6 @@ def respace(diffusion: GaussianDiffusion, timesteps: Sequence[int]) -> tuple[Gau
     return spaced, torch.tensor(kept, dtype=torch.long)
 
 
-def _progress(iterable, enabled: bool, desc: str, total: int):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, leave=False)
-
-
 @torch.no_grad()
 def ddpm_sample(diffusion: GaussianDiffusion, model: Model, shape: tuple[int, ...],
                 steps: int | str | Sequence[int] | None = None, generator: torch.Generator | None = None,
@@ -220,7 +213,7 @@ def ddim_sample(diffusion: GaussianDiffusion, model: Model, shape: tuple[int, ..
     x = x_T.to(device) if x_T is not None else randn(shape, generator=generator, device=device)
     abar = diffusion.alphas_cumprod
     order = list(reversed(kept))
-    for n, i in enumerate(_progress(order, progress, "DDIM sampling", len(order))):
+    for n, i in enumerate(track(order, desc="DDIM sampling", unit="steps", enabled=progress)):
         t = torch.full((x.shape[0],), i, device=device, dtype=torch.long)
         # x0 and eps from any parameterization; a learned variance is not used by DDIM
         out = diffusion.p_mean_variance(model, x, t, clip_denoised=clip_denoised)

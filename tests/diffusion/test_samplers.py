@@ -1,5 +1,6 @@
 """Respacing and the DDPM/DDIM samplers against closed forms and against each other."""
 
+import logging
 import math
 
 import pytest
@@ -227,3 +228,23 @@ def test_seeded_noise_is_the_cpu_generators_on_every_device():
     if torch.cuda.is_available():  # pinned, non-blocking copy on CUDA: the same values, no stream sync
         got = randn((3, 4), torch.Generator().manual_seed(7), "cuda")
         assert got.device.type == "cuda" and torch.equal(got.cpu(), want)
+
+
+# ------------------------------------------------------------------ progress in log files
+@pytest.mark.parametrize("sampler", ["ddpm", "ddpm_respaced", "ddim"])
+def test_sampling_progress_is_log_lines_when_stderr_is_not_a_terminal(sampler, capfd, caplog, monkeypatch):
+    # capfd: stdout and stderr are files here, as in `python -m src.sample > log 2>&1` or a SLURM log
+    monkeypatch.delenv("DDPM_PROGRESS", raising=False)
+    caplog.set_level(logging.INFO, logger="src.utils.progress")
+    d = GaussianDiffusion(make_beta_schedule("linear", 40))
+    model = linear_model((2, 3), 40)
+    run = {"ddpm": lambda: ddpm_sample(d, model, (2, 3), progress=True),
+           "ddpm_respaced": lambda: ddpm_sample(d, model, (2, 3), steps=10, progress=True),
+           "ddim": lambda: ddim_sample(d, model, (2, 3), steps=10, progress=True)}[sampler]
+    run()
+    out, err = capfd.readouterr()
+    assert "\r" not in out + err and "\x1b[" not in out + err
+    lines = [r.getMessage() for r in caplog.records if r.name == "src.utils.progress"]
+    steps = 40 if sampler == "ddpm" else 10
+    assert lines and "done in" in lines[-1] and f"{steps}/{steps}" in lines[-1] and "steps/s" in lines[-1]
+    assert len(lines) <= 11  # at most one per tenth (or 30 s) and the final one, not one per step
