@@ -20,6 +20,7 @@ def build(cfg: DictConfig, ckpt_path: str | None = None) -> dict[str, Any]:
     """
     import lightning as L
     from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ProgressBar
 
     from src.callbacks.resume import ExactResume
     from src.utils.instantiate import (
@@ -28,8 +29,6 @@ def build(cfg: DictConfig, ckpt_path: str | None = None) -> dict[str, Any]:
         instantiate_callbacks,
         instantiate_loggers,
     )
-    from lightning.pytorch.callbacks import ProgressBar
-
     from src.utils.loggers import fall_back_to_offline_wandb, log_hyperparams
     from src.utils.progress import training_progress
     from src.utils.resume import check_resume_checkpoint

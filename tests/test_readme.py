@@ -126,7 +126,8 @@ class Copy:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("DDPM_", "PYTEST_"))}
         self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{self.env.get('PATH', '')}"  # `python`
 
-    def run(self, argv: list[str], env: dict[str, str] | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    def run(self, argv: list[str], env: dict[str, str] | None = None,
+            timeout: int = 900) -> subprocess.CompletedProcess:
         if argv[0] == "python":
             argv = [sys.executable, *argv[1:]]
         return subprocess.run(argv, cwd=self.root, env={**self.env, **(env or {})}, capture_output=True, text=True,
