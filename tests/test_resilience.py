@@ -202,7 +202,6 @@ SLOW_WRITER = textwrap.dedent("""
     import sys, time
     import torch
     from src.utils.checkpoint_io import AtomicCheckpointIO
-from src.utils.resume import resolve_ckpt_path, run_dir_named
 
     class SlowDisk(AtomicCheckpointIO):
         # serialises, writes half, and stalls: a kill now hits a save in progress
