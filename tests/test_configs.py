@@ -159,3 +159,11 @@ def test_wandb_online_without_credentials_says_what_to_do(compose_cfg, monkeypat
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     with pytest.raises(RuntimeError, match="wandb login.*WANDB_MODE=offline"):
         build(compose_cfg("logger=wandb"))
+
+
+def test_callbacks_none_with_an_experiment_that_tunes_callbacks(compose_cfg, caplog):
+    """Experiments (and debug=tiny) set callbacks.model_checkpoint.*: with callbacks=none those settings have no
+    callback to go to and are ignored with a warning, not an error."""
+    objects = build(compose_cfg("callbacks=none"))
+    assert not any(type(cb).__name__ == "StepCheckpoint" for cb in objects["callbacks"])
+    assert "callbacks.model_checkpoint has settings but no _target_" in caplog.text

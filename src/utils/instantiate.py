@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, open_dict
+
+log = logging.getLogger(__name__)
 
 # Backbone arguments that follow from the data when the config leaves them null.
 _FROM_DATA_SHAPE = {
@@ -94,12 +98,18 @@ def instantiate_loggers(logger_cfg: DictConfig | None) -> list[Logger]:
 
 
 def _instantiate_group(group_cfg: DictConfig | None, group: str) -> list:
-    """Instantiate each entry of a dict-like config group; entries set to null are skipped."""
+    """Instantiate each entry of a dict-like config group; entries set to null are skipped, and so are settings
+    without a ``_target_`` that an experiment made for an entry the chosen group value does not have (the
+    experiments tune ``callbacks.model_checkpoint``; with ``callbacks=none`` there is none to tune)."""
     objects = []
     for name, entry in (group_cfg or {}).items():
         if entry is None:
             continue
-        if not isinstance(entry, DictConfig) or "_target_" not in entry:
-            raise ValueError(f"{group}.{name} needs a _target_ (or null to disable it)")
+        if not isinstance(entry, DictConfig):
+            raise ValueError(f"{group}.{name} must be a config with a _target_ (or null to disable it), got {entry!r}")
+        if "_target_" not in entry:
+            log.warning("%s.%s has settings but no _target_: the chosen %s group has no such entry, so they are "
+                        "ignored", group, name, group)
+            continue
         objects.append(instantiate(entry))
     return objects
