@@ -19,6 +19,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from src.callbacks.resume import ExactResume
+from src.utils.checkpoint import find_checkpoint
+from src.utils.device import has_fast_bf16
 from src.utils.instantiate import (
     fill_model_from_data,
     fill_model_num_classes,
@@ -88,7 +90,7 @@ def resolve_trainer_precision(trainer_cfg: DictConfig) -> None:
         return
     accelerator = str(trainer_cfg.get("accelerator", "auto"))
     on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    bf16 = on_cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    bf16 = on_cuda and has_fast_bf16(torch.device("cuda"))
     trainer_cfg.precision = "bf16-mixed" if bf16 else "32-true"
     log.info("trainer.precision=auto -> %s", trainer_cfg.precision)
 
@@ -156,16 +158,7 @@ def resolve_ckpt_path(ckpt_path: str | None, trainer: L.Trainer, run_dir_named: 
         )
     if ckpt_path in ("best", "hpc") or ckpt_path.startswith("registry") or "://" in ckpt_path:
         return ckpt_path
-    path = Path(ckpt_path)
-    if path.is_dir():
-        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
-            if candidate.is_file():
-                return str(candidate)
-        raise FileNotFoundError(f"ckpt_path={ckpt_path} is a folder without checkpoints/last.ckpt: pass a run "
-                                "folder of `python -m src.train` or a .ckpt file")
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such file")
-    return ckpt_path
+    return str(find_checkpoint(ckpt_path, key="ckpt_path"))
 
 
 def slurm_requeue_checkpoint(trainer: L.Trainer) -> str | None:

@@ -12,6 +12,24 @@ from omegaconf import OmegaConf
 from src.models.ddpm_module import DDPMModule
 
 
+def find_checkpoint(path: str | Path, key: str = "ckpt_path") -> Path:
+    """The checkpoint file ``path`` names: a file, or a run folder of ``src.train`` (its ``checkpoints/last.ckpt``),
+    or that run's ``checkpoints/`` folder (its ``last.ckpt``). FileNotFoundError naming ``key`` otherwise."""
+    path = Path(str(path)).expanduser()
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+            if candidate.is_file():
+                return candidate
+        found = sorted(p.name for p in [*path.glob("*.ckpt"), *path.glob("checkpoints/*.ckpt")])[:5]
+        hint = f" (it holds {', '.join(found)}: pass one of them as {key}=<file>)" if found else ""
+        raise FileNotFoundError(f"{key}={path} is a folder without checkpoints/last.ckpt or last.ckpt{hint}; pass a "
+                                "run folder of `python -m src.train` or a .ckpt file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}={path}: no checkpoint at {path}; pass a .ckpt file or a run folder of "
+                                "`python -m src.train` (<run folder> means <run folder>/checkpoints/last.ckpt)")
+    return path
+
+
 def load_module(path: str | Path, map_location: str | torch.device = "cpu", weights: str = "ema",
                 compile: bool | None = None, compile_options: dict | None = None) -> DDPMModule:
     """Load a ``DDPMModule`` from a checkpoint of this project, with the EMA (default) or the raw weights.
