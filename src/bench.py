@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from src.diffusion import create_diffusion, ddim_sample
 from src.models.speed import build_optimizer, compile_backbone, use_channels_last
+from src.utils.device import has_fast_bf16, resolve_device
 
 log = logging.getLogger(__name__)
 # denoising-diffusion-pytorch's sampling loops draw a tqdm bar per chain; tqdm reads this when first imported
@@ -94,16 +95,10 @@ def resolve_sizes(cfg: DictConfig) -> dict[str, int]:
     return out
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def bf16_autocast_works(device: torch.device) -> bool:
-    """True when a conv + GroupNorm + matmul actually run under bf16 autocast on this device."""
+    """True when a conv + GroupNorm + matmul actually run under bf16 autocast on this device (natively or not)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return has_fast_bf16(device)
     try:
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
             x = torch.randn(1, 4, 8, 8, device=device)
@@ -485,8 +480,8 @@ def resolve_precisions(cfg: DictConfig, device: torch.device) -> dict[str, dict[
     if same == "bf16" and not bf16_ok:
         raise ValueError(f"precision=bf16: bf16 autocast does not run on {device}")
     ours_default = str(cfg.get("defaults_precision", "auto"))
-    if ours_default == "auto":
-        ours_default = "bf16" if bf16_ok else "fp32"
+    if ours_default == "auto":  # as src.sample's precision=auto: bf16 only where the device runs it natively
+        ours_default = "bf16" if has_fast_bf16(device) else "fp32"
     if ours_default not in ("fp32", "bf16"):
         raise ValueError(f"defaults_precision must be auto, fp32 or bf16, got {cfg.defaults_precision!r}")
     return {

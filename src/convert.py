@@ -106,11 +106,36 @@ def _choice_error(source: str, key: str, value: Any, allowed: tuple, why: str) -
     return f"{source}: {key}={json.dumps(value)} is not supported ({why}); only {key}={shown} converts"
 
 
+def read_json(path: Path, expected: str) -> dict[str, Any]:
+    """The JSON object in ``path``; ValueError naming the file, the line and column, and ``expected``."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}): "
+                         f"expected {expected}") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a text file ({err.reason} at byte {err.start}): expected {expected}") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object of settings: expected {expected}")
+    return config
+
+
+UNET_CONFIG = "a diffusers UNet2DModel config.json (as UNet2DModel.save_pretrained writes it)"
+SCHEDULER_CONFIG = ("a diffusers DDPMScheduler scheduler_config.json (as DDPMScheduler.save_pretrained writes it); "
+                    "without the file the paper's schedule is used")
+
+
 def unet_arguments(config: dict[str, Any]) -> dict[str, Any]:
     """Our ``UNet`` arguments for a diffusers ``UNet2DModel`` config.json; ValueError for what it cannot represent."""
     src = "config.json"
     if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise ValueError(f"{src}: _class_name={config['_class_name']!r}; only UNet2DModel weights convert")
+    if "block_out_channels" not in config:
+        # every UNet2DModel config.json names its level widths; without them this is another model's config
+        shown = sorted(config)[:8]
+        raise ValueError(f"{src} has no block_out_channels (its keys: {shown}{' ...' if len(config) > 8 else ''}), "
+                         f"so it is not {UNET_CONFIG}; from_diffusers must be the folder of the UNet (in a pipeline "
+                         "folder: its unet/ subfolder)")
     unknown = sorted(k for k, v in config.items() if not k.startswith("_") and k not in UNET2D_DEFAULTS
                      and v is not None)
     if unknown:
@@ -186,7 +211,11 @@ def diffusion_settings(scheduler: dict[str, Any] | None) -> dict[str, Any]:
     if scheduler.get("_class_name", "DDPMScheduler") != "DDPMScheduler":
         raise ValueError(f"{src}: _class_name={scheduler['_class_name']!r}; only a DDPMScheduler config converts "
                          "(remove the file to take the paper's schedule)")
-    cfg = {**DDPM_SCHEDULER_DEFAULTS, **{k: v for k, v in scheduler.items() if not k.startswith("_")}}
+    given = {k: v for k, v in scheduler.items() if not k.startswith("_")}
+    if given and not set(given) & {*DDPM_SCHEDULER_DEFAULTS, "predict_epsilon"}:
+        raise ValueError(f"{src} has none of DDPMScheduler's settings (its keys: {sorted(given)[:8]}), so it is not "
+                         f"{SCHEDULER_CONFIG}")
+    cfg = {**DDPM_SCHEDULER_DEFAULTS, **given}
     if "predict_epsilon" in scheduler:  # the flag older configs carry instead of prediction_type
         cfg["prediction_type"] = "epsilon" if scheduler["predict_epsilon"] else "sample"
         cfg.pop("predict_epsilon")
@@ -359,8 +388,11 @@ def convert(cfg: DictConfig) -> Path:
     if out.exists() and not cfg.get("overwrite", False):
         raise FileExistsError(f"out={out} exists; choose another path or pass overwrite=true")
     unet_dir, scheduler_file = find_files(Path(str(cfg.from_diffusers)))
-    unet_config = json.loads((unet_dir / "config.json").read_text())
-    scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file else None
+    unet_config = read_json(unet_dir / "config.json", UNET_CONFIG)
+    scheduler_config = read_json(scheduler_file, SCHEDULER_CONFIG) if scheduler_file else None
+    if scheduler_file is None:
+        log.info("no scheduler_config.json beside %s (nor in ../scheduler/): the paper's diffusion %s", unet_dir,
+                 PAPER_DIFFUSION)
     model_args = unet_arguments(unet_config)
     diffusion = diffusion_settings(scheduler_config)
     channels = model_args["in_channels"]

@@ -1,4 +1,7 @@
-"""Evaluate a trained model: `python -m src.eval ckpt_path=<.ckpt> metric=nll`."""
+"""Evaluate a trained model: `python -m src.eval ckpt_path=<.ckpt or run folder> metric=nll` (see configs/eval.yaml).
+
+A run folder of `src.train` as `ckpt_path` means its `checkpoints/last.ckpt`.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +17,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from src.utils.checkpoint import load_module
+from src.utils.checkpoint import find_checkpoint, load_module
+from src.utils.device import resolve_device
 from src.utils.images import to_uint8
 from src.utils.progress import track
+from src.utils.validate import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +33,6 @@ METRICS = {
     "progressive": "predicted x0 along sampling chains as a grid (paper Fig. 6)",
     "interpolation": "interpolation of test images in the diffused latent x_t (paper Fig. 8)",
 }
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def to_8bit_grid(x: torch.Tensor) -> torch.Tensor:
@@ -247,7 +246,7 @@ def evaluate_fid(module, cfg: DictConfig, device: torch.device, out_dir: Path) -
         split, reference = reference, make_datamodule(module, cfg)
     result = compute_fidelity(
         samples, reference, metrics=tuple(fid_cfg.metrics), weights_path=fid_cfg.weights_path,
-        cache_root=fid_cfg.cache_dir, device=cfg.device, batch_size=int(fid_cfg.batch_size),
+        cache_root=fid_cfg.cache_dir, device=device, batch_size=int(fid_cfg.batch_size),
         kid_subset_size=int(fid_cfg.kid_subset_size), max_reference=int(fid_cfg.max_reference),
         seed=int(cfg.seed), feature=int(fid_cfg.feature), reference_split=split,
     )
@@ -255,13 +254,24 @@ def evaluate_fid(module, cfg: DictConfig, device: torch.device, out_dir: Path) -
             "sampling_seconds": seconds, "reference": str(fid_cfg.reference)}
 
 
+def check_counts(cfg: DictConfig) -> None:
+    """The batch and sample counts of ``cfg``, checked before the checkpoint is loaded."""
+    positive_int(cfg.get("num_batches"), "num_batches", allow_none=True, hint="null: the whole split")
+    positive_int(cfg.batch_size, "batch_size")
+    positive_int(cfg.num_samples, "num_samples")
+    positive_int(cfg.sample_batch_size, "sample_batch_size")
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.metric not in METRICS:
         raise ValueError(f"unknown metric {cfg.metric!r}: valid metrics are "
                          + "; ".join(f"{k} ({v})" for k, v in METRICS.items()))
-    device = resolve_device(cfg.device)
-    module = load_module(cfg.ckpt_path, map_location=device, weights=cfg.weights, compile=cfg.get("compile"),
+    check_counts(cfg)
+    device = resolve_device(cfg.device, key="device")
+    ckpt_path = find_checkpoint(cfg.ckpt_path, key="ckpt_path")
+    module = load_module(ckpt_path, map_location=device, weights=cfg.weights, compile=cfg.get("compile"),
                          compile_options=cfg.get("compile_options")).to(device)
+    log.info("checkpoint %s (%s weights) on %s", ckpt_path, cfg.weights, device)
     out_dir = Path(cfg.get("output_dir") or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.metric == "nll":
@@ -282,7 +292,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         summary = evaluate_sample_quality(module, cfg, device)
         summary["sampler"] = OmegaConf.to_container(cfg.sampler)
         log.info("%s: %s", cfg.metric, {k: v for k, v in summary.items() if k != "sampler"})
-    summary |= {"metric": cfg.metric, "weights": cfg.weights, "ckpt_path": str(cfg.ckpt_path)}
+    summary |= {"metric": cfg.metric, "weights": cfg.weights, "ckpt_path": str(ckpt_path)}
     if cfg.metric in ("nll", "interpolation"):
         summary["split"] = cfg.split
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))

@@ -1,7 +1,7 @@
-"""Sample a trained DDPM: `python -m src.sample ckpt_path=<.ckpt> num_samples=N [sampler=ddim]`.
+"""Sample a trained DDPM: `python -m src.sample ckpt_path=<.ckpt or run folder> num_samples=N [sampler=ddim]`.
 
-Also `sampler.steps=50 sampler.eta=0.0`, `batch_size=`, `seed=`, `weights=ema|raw`, `device=auto|cpu|cuda`
-(see configs/sample.yaml).
+Also `sampler.steps=50 sampler.eta=0.0`, `batch_size=`, `seed=`, `weights=ema|raw`, `device=auto|cpu|cuda[:N]|mps`
+(see configs/sample.yaml). A run folder of `src.train` as `ckpt_path` means its `checkpoints/last.ckpt`.
 
 Writes into the run folder (`outputs/sample/runs/<time>/` by default):
 - images: `samples/000000.png ...` (one PNG per sample, at the data's resolution), `samples.npz` (key
@@ -32,21 +32,16 @@ from torch import Tensor
 from src.diffusion.guidance import conditional_model
 from src.diffusion.samplers import SAMPLERS, resolve_timesteps
 from src.models.ddpm_module import DDPMModule
-from src.utils.checkpoint import load_module
+from src.utils.checkpoint import find_checkpoint, load_module
+from src.utils.device import resolve_device
 from src.utils.images import image_grid, save_png, scatter_image, to_uint8
 from src.utils.precision import network_precision, resolve_precision
 from src.utils.progress import track
+from src.utils.validate import positive_int
 
 log = logging.getLogger(__name__)
 
 GRID_MAX = 100  # grid.png shows at most this many samples
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda if available, else cpu; anything else is a torch device string."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def make_sampler(sampler_cfg: DictConfig, num_timesteps: int) -> Callable[..., Tensor]:
@@ -167,19 +162,18 @@ def sampling_labels(cfg: DictConfig, module: DDPMModule, num_samples: int) -> Te
 
 def sample(cfg: DictConfig) -> Path:
     """Load the checkpoint, draw ``cfg.num_samples`` with ``cfg.sampler``, write them; returns the npz."""
-    if int(cfg.num_samples) < 1 or int(cfg.batch_size) < 1:
-        raise ValueError(f"num_samples and batch_size must be >= 1, got {cfg.num_samples} and "
-                         f"{cfg.batch_size}")
-    device = resolve_device(str(cfg.device))
-    module = load_module(cfg.ckpt_path, map_location="cpu", weights=cfg.weights, compile=cfg.get("compile"),
+    num_samples, batch_size = positive_int(cfg.num_samples, "num_samples"), positive_int(cfg.batch_size, "batch_size")
+    device = resolve_device(cfg.device, key="device")
+    ckpt_path = find_checkpoint(cfg.ckpt_path, key="ckpt_path")
+    module = load_module(ckpt_path, map_location="cpu", weights=cfg.weights, compile=cfg.get("compile"),
                          compile_options=cfg.get("compile_options")).to(device)
     diffusion = module.diffusion
     sampler = make_sampler(cfg.sampler, diffusion.num_timesteps)
-    log.info("checkpoint %s (%s weights): data shape %s, %s; sampler %s on %s", cfg.ckpt_path, cfg.weights,
+    log.info("checkpoint %s (%s weights): data shape %s, %s; sampler %s on %s", ckpt_path, cfg.weights,
              module.data_shape, diffusion, OmegaConf.to_container(cfg.sampler), device)
     # one CPU generator seeded once: samples depend on seed and batch_size, not on the device
     generator = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
-    labels = sampling_labels(cfg, module, int(cfg.num_samples))
+    labels = sampling_labels(cfg, module, num_samples)
     guidance_scale = float(cfg.get("guidance_scale", 1.0))
     if labels is not None:
         log.info("class-conditional: %s, guidance_scale %s",
@@ -187,7 +181,7 @@ def sample(cfg: DictConfig) -> Path:
                  guidance_scale)
     precision = str(cfg.get("precision", "fp32"))
     log.info("network precision: %s (precision=%s)", resolve_precision(precision, device), precision)
-    samples = draw(module, sampler, int(cfg.num_samples), int(cfg.batch_size), generator, device,
+    samples = draw(module, sampler, num_samples, batch_size, generator, device,
                    progress=bool(cfg.progress), labels=labels, guidance_scale=guidance_scale, precision=precision)
     if module.clip_denoised:
         samples = samples.clamp(-1.0, 1.0)  # bounded data (images): the same range the reference code writes

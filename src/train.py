@@ -82,11 +82,13 @@ def resolve_trainer_precision(trainer_cfg: DictConfig) -> None:
     """
     import torch
 
+    from src.utils.device import has_fast_bf16
+
     if trainer_cfg.get("precision") != "auto":
         return
     accelerator = str(trainer_cfg.get("accelerator", "auto"))
     on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    bf16 = on_cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    bf16 = on_cuda and has_fast_bf16(torch.device("cuda"))
     trainer_cfg.precision = "bf16-mixed" if bf16 else "32-true"
     log.info("trainer.precision=auto -> %s", trainer_cfg.precision)
 

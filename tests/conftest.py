@@ -69,6 +69,26 @@ def compose_cfg(tmp_path):
     GlobalHydra.instance().clear()
 
 
+def write_untrained_checkpoint(run_dir: Path, *overrides: str) -> Path:
+    """``<run_dir>/checkpoints/last.ckpt`` of an untrained tiny model, laid out as src.train writes it, in seconds:
+    for tests of what the entry points accept, not of what a model learns."""
+    import torch
+
+    from src.train import build
+
+    cfg = compose_config([*TINY, *overrides], run_dir)
+    try:
+        objects = build(cfg)
+    finally:
+        GlobalHydra.instance().clear()
+    module = objects["module"]
+    path = run_dir / "checkpoints" / "last.ckpt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": module.state_dict(), "ddpm_config": objects["run_config"],
+                "ddpm_data_shape": list(module.data_shape)}, path)
+    return path
+
+
 def run_entry_point(module: str, *args: str, cwd: Path, timeout: int = 600, env: dict | None = None):
     """Run ``python -m <module> args`` in a fresh process (the real entry point) and return the result."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "1", **(env or {})}

@@ -226,6 +226,45 @@ def test_absent_keys_take_diffusers_defaults(tmp_path):
         convert_in_process(folder, tmp_path)
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ('{"block_out_channels": [32, 64],\n "layers_per_block": 1,,}',
+     r"Expecting property name .* at line 2, column 24\)"),
+    ("", r"Expecting value at line 1, column 1\)"),
+    ("\xff\xfe", "is not a text file"),
+])
+def test_malformed_config_json_names_the_file_and_the_place(tmp_path, text, message):
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    (folder / "config.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"config\.json .*{message}.*expected a diffusers UNet2DModel config\.json"):
+        convert_in_process(folder, tmp_path)
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ([1, 2], "holds a JSON list, not an object of settings: expected a diffusers UNet2DModel config.json"),
+    ({"num_train_timesteps": 1000, "beta_schedule": "linear"},
+     r"config.json has no block_out_channels \(its keys: \['beta_schedule', 'num_train_timesteps'\]\), so it is "
+     "not a diffusers UNet2DModel config.json"),
+    ({}, "config.json has no block_out_channels"),
+])
+def test_config_json_of_another_kind_says_what_is_expected(tmp_path, config, message):
+    folder = write_config(tmp_path / "unet", config)
+    with pytest.raises(ValueError, match=message):
+        convert_in_process(folder, tmp_path)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('{"beta_schedule": "linear"', r"scheduler_config\.json is not valid JSON \(Expecting ',' delimiter at line 1, "
+                                   r"column 27\): expected a diffusers DDPMScheduler scheduler_config\.json"),
+    ('{"sample_size": 32, "in_channels": 3}', "scheduler_config.json has none of DDPMScheduler's settings"),
+])
+def test_malformed_scheduler_config_names_the_file(tmp_path, text, message):
+    folder = write_config(tmp_path / "unet", TINY_UNET)
+    (folder / "scheduler_config.json").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        convert_in_process(folder, tmp_path)
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"beta_schedule": "laplace"}, "beta_schedule=\"laplace\" is not supported"),
     ({"trained_betas": [0.1, 0.2]}, "trained_betas is set"),

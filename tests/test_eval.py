@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from src.eval import rate_distortion, to_8bit_grid
-from tests.conftest import TINY, run_entry_point
+from src.eval import evaluate, rate_distortion, to_8bit_grid
+from tests.conftest import TINY, compose_config, run_entry_point, write_untrained_checkpoint
 
 
 def test_rate_distortion_follows_the_paper_definitions():
@@ -31,6 +31,36 @@ def test_8bit_grid():
     x = torch.tensor([-1.0, -0.875, 0.0, 0.999, 1.0, 1.3])
     v = (to_8bit_grid(x) + 1) * 127.5
     assert torch.allclose(v, v.round(), atol=1e-4) and v.min() == 0 and v.max() == 255
+
+
+def evaluate_in_process(ckpt_path, out, *overrides: str) -> dict:
+    return evaluate(compose_config([f"ckpt_path={ckpt_path}", "progress=false", "device=cpu", *overrides], out,
+                                   config_name="eval"))
+
+
+def test_nll_of_a_run_folder(tmp_path, one_thread):
+    """``ckpt_path=<run folder>`` (or its checkpoints/) means its checkpoints/last.ckpt, as in src.train."""
+    last = write_untrained_checkpoint(tmp_path / "run")
+    nll = ["metric=nll", "batch_size=2", "num_batches=1"]
+    by_file = evaluate_in_process(last, tmp_path / "file", *nll)
+    for name, path in (("run", tmp_path / "run"), ("checkpoints", tmp_path / "run" / "checkpoints")):
+        summary = evaluate_in_process(path, tmp_path / name, *nll)
+        assert summary["nll_bpd"] == by_file["nll_bpd"] and summary["num_images"] == 2
+        assert summary["ckpt_path"] == str(last)  # metrics.json records the file that was read
+    with pytest.raises(FileNotFoundError, match="ckpt_path=.* is a folder without checkpoints/last.ckpt"):
+        evaluate_in_process(tmp_path, tmp_path / "out", *nll)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("num_batches=0", r"num_batches must be null or an integer >= 1, got 0 \(null: the whole split\)"),
+    ("num_batches=-2", "num_batches must be null or an integer >= 1, got -2"),
+    ("batch_size=0", "batch_size must be an integer >= 1, got 0"),
+    ("num_samples=-1", "num_samples must be an integer >= 1, got -1"),
+    ("sample_batch_size=0.5", "sample_batch_size must be an integer >= 1, got 0.5"),
+])
+def test_counts_are_checked_before_the_checkpoint_is_read(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        evaluate_in_process(tmp_path / "absent.ckpt", tmp_path / "out", override)
 
 
 @pytest.fixture(scope="module")

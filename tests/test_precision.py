@@ -11,7 +11,8 @@ from src.diffusion import create_diffusion, ddim_sample
 from src.models.ddpm_module import DDPMModule
 from src.models.unet import UNet
 from src.sample import draw
-from src.utils.precision import has_fast_bf16, network_precision, resolve_precision
+from src.utils.device import has_fast_bf16
+from src.utils.precision import network_precision, resolve_precision
 
 
 def test_names_and_auto():

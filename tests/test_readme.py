@@ -70,7 +70,6 @@ NOT_HERE = {
     "experiment=cifar10": ("gpu", "trains the paper's CIFAR-10 model on a GPU on the downloaded data: without a GPU it "
                                   "must stop at once saying how to train on the CPU; with one, it is composed only"),
     "hydra/launcher=slurm": ("compose", "submits jobs to a SLURM cluster"),
-    "src.bench compile=true": ("compose", "torch.compile of the paper-size U-Net takes many minutes on a CPU"),
 }
 # Offline stand-ins (not size changes) that a line needs here, and why.
 OFFLINE = {

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from src.sample import sample, write_samples
-from tests.conftest import TINY, compose_config, run_entry_point
+from tests.conftest import TINY, compose_config, run_entry_point, write_untrained_checkpoint
 
 # One intra-op thread everywhere: on a small shared CPU, 2+ OpenMP threads per process spin against other
 # work and make the tiny U-Net several times slower; it also keeps CPU results identical across processes.
@@ -90,7 +90,7 @@ def test_bad_checkpoint_path_fails_clearly(tmp_path):
     (["sampler=ddim", "sampler.steps=0"], "out of range"),
     (["sampler.steps=1"], "needs at least 2"),
     (["sampler=ddim", "sampler.eta=-1"], "eta must be >= 0"),
-    (["num_samples=0"], "num_samples and batch_size must be >= 1"),
+    (["num_samples=0"], "num_samples must be an integer >= 1, got 0"),
 ])
 def test_bad_sampler_settings_fail_clearly(ckpt, tmp_path, overrides, message, one_thread):
     with pytest.raises(ValueError, match=message):
@@ -178,3 +178,30 @@ def test_draw_reports_samples_not_every_step_in_a_log_file(capfd, caplog, monkey
     # the per-step progress of each batch is silent under the samples one
     assert lines and all(line.startswith("samples: ") for line in lines)
     assert lines[-1].startswith("samples: 5/5 done in")
+
+
+def test_run_folder_or_its_checkpoints_folder_as_ckpt_path(tmp_path, one_thread):
+    """``ckpt_path=<run folder>`` (or ``<run folder>/checkpoints``) means its checkpoints/last.ckpt, as in src.train."""
+    last = write_untrained_checkpoint(tmp_path / "run")
+    quick = ["sampler=ddim", "sampler.steps=2", "device=cpu", "num_samples=2"]
+    samples = {}
+    for name, path in (("file", last), ("run", tmp_path / "run"), ("checkpoints", tmp_path / "run" / "checkpoints")):
+        with np.load(sample_in_process(path, tmp_path / name, *quick)) as f:
+            samples[name] = f["samples"]
+    assert np.array_equal(samples["run"], samples["file"]) and np.array_equal(samples["checkpoints"], samples["file"])
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "empty" / "checkpoints" / "epoch=0-step=2.ckpt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path=.*empty is a folder without checkpoints/last.ckpt.*"
+                                                r"holds epoch=0-step=2.ckpt"):
+        sample_in_process(tmp_path / "empty", tmp_path / "out", *quick)
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path=.*absent.ckpt: no checkpoint at"):
+        sample_in_process(tmp_path / "absent.ckpt", tmp_path / "out", *quick)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("num_samples=0", "num_samples must be an integer >= 1, got 0"),
+    ("batch_size=2.5", "batch_size must be an integer >= 1, got 2.5"),
+])
+def test_counts_are_checked_before_the_checkpoint_is_read(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        sample_in_process(tmp_path / "absent.ckpt", tmp_path / "out", override)

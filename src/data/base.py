@@ -15,6 +15,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from src.utils.validate import check_int
+
 # Label used for examples without a class.
 UNLABELED = -1
 # keeps the per-epoch flip draws of the device-resident path apart from the sampler's order draws
@@ -32,13 +34,6 @@ def pil_to_unit_range(img: Any) -> torch.Tensor:
 
     # Dividing the integer pixels once (not v/255*2-1) keeps the mapping exact in float32.
     return pil_to_tensor(img).to(torch.float32) / 127.5 - 1
-
-
-def check_int(value: Any, key: str, minimum: int) -> int:
-    """Return ``value`` if it is an int >= ``minimum``, else raise a ValueError naming ``key``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def check_fractions(val_fraction: Any, test_fraction: Any, prefix: str = "data") -> tuple[float, float]:

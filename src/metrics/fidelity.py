@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
+from src.utils.device import resolve_device
 from src.utils.images import to_uint8
 
 log = logging.getLogger(__name__)
@@ -50,28 +51,70 @@ def how_to_set_weights(key: str = WEIGHTS_KEY) -> str:
             f"{INCEPTION_FILENAME}> or the environment variable {WEIGHTS_ENV}=<path>")
 
 
-def resolve_inception_weights(weights_path: str | os.PathLike | None, key: str = WEIGHTS_KEY) -> str | None:
-    """The config value if set, else ``$FID_INCEPTION_WEIGHTS``, else None (the library downloads them)."""
+def _configured_weights(weights_path: str | os.PathLike | None, key: str) -> tuple[str | None, str]:
+    """The configured weights file (or None) and the setting that named it (``key`` or ``$FID_INCEPTION_WEIGHTS``)."""
     source = key
     if weights_path in (None, ""):
         weights_path, source = os.environ.get(WEIGHTS_ENV) or None, WEIGHTS_ENV
     if weights_path is None:
-        return None
+        return None, source
     path = Path(weights_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"Inception weights file {str(path)!r} (from {source}) does not exist: "
                                 + how_to_set_weights(key))
-    return str(path)
+    return str(path), source
+
+
+def resolve_inception_weights(weights_path: str | os.PathLike | None, key: str = WEIGHTS_KEY) -> str | None:
+    """The config value if set, else ``$FID_INCEPTION_WEIGHTS``, else None (the library downloads them)."""
+    return _configured_weights(weights_path, key)[0]
+
+
+# keys of torch-fidelity's Inception-v3 state dict, first and last layers, with their shapes
+INCEPTION_KEYS = {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1),
+                  "fc.weight": (1008, 2048), "fc.bias": (1008,)}
+_CHECKED: set[tuple[str, int, int]] = set()
+
+
+def check_inception_weights(path: str | os.PathLike, source: str) -> None:
+    """ValueError naming ``source`` unless ``path`` loads as a state dict of torch-fidelity's Inception-v3.
+
+    torch-fidelity and torchmetrics would otherwise fail deep inside, with errors that name neither the setting nor
+    the file. Loaded on the CPU with ``weights_only=True``; memoised per file version.
+    """
+    stat = Path(path).stat()
+    memo = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if memo in _CHECKED:
+        return
+    expected = (f"{source} must be torch-fidelity's {INCEPTION_FILENAME} (a state dict of its Inception-v3, from "
+                f"{INCEPTION_URL})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling, zip and EOF errors of every kind: the file is not a torch file
+        raise ValueError(f"{source}={path} cannot be read as PyTorch weights ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}): {expected}") from err
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{source}={path} holds a {type(state).__name__}, not a state dict of tensors: {expected}")
+    missing = [k for k in INCEPTION_KEYS if k not in state]
+    wrong = [f"{k} {tuple(state[k].shape)} instead of {shape}" for k, shape in INCEPTION_KEYS.items()
+             if k in state and tuple(state[k].shape) != shape]
+    if missing or wrong:
+        found = sorted(state)[:5]
+        what = f"lacks {missing} (its keys begin {found})" if missing else f"has {'; '.join(wrong)}"
+        raise ValueError(f"{source}={path} is not the Inception-v3 FID needs: it {what}. {expected}")
+    _CHECKED.add(memo)
 
 
 def inception_weights_file(weights_path: str | os.PathLike | None = None, key: str = WEIGHTS_KEY) -> str:
-    """A weights file that exists: the configured one, or the official one in torch's hub cache.
+    """A weights file that exists: the configured one (checked with ``check_inception_weights``), or the
+    official one in torch's hub cache.
 
     Downloads the official file into ``<torch hub dir>/checkpoints`` (where torch-fidelity and torchmetrics
     look too) when it is missing there; raises RuntimeError saying how to provide it if that fails.
     """
-    resolved = resolve_inception_weights(weights_path, key)
+    resolved, source = _configured_weights(weights_path, key)
     if resolved is not None:
+        check_inception_weights(resolved, source)
         return resolved
     target = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILENAME
     if target.is_file():
@@ -321,12 +364,6 @@ def reference_cache_stem(datamodule: Any, limit: int, split: str = "train") -> s
 
 
 # ---------------------------------------------------------------- metrics
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def default_cache_root() -> Path:
     """``$DDPM_CACHE_DIR/fidelity``, else ``~/.cache/ddpm/fidelity`` (as the digits metric's cache)."""
     env = os.environ.get("DDPM_CACHE_DIR")

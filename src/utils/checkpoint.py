@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -9,6 +10,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from src.models.ddpm_module import DDPMModule
+
+log = logging.getLogger(__name__)
+
+LAST = "last.ckpt"
 
 
 def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", header_only: bool = False) -> dict:
@@ -38,6 +43,44 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", header
             "weights from other projects need converting first (diffusers: `python -m src.convert`)"
         )
     return ckpt
+
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint of the highest step in ``folder``: ``last.ckpt``, unless a periodic one is newer (a process
+    killed between writing ``step=N.ckpt`` and ``last.ckpt``). Ties go to ``last.ckpt``; None for no checkpoint."""
+    candidates = []
+    for path in sorted(folder.glob("*.ckpt")):
+        try:
+            step = int(read_checkpoint(path, header_only=True).get("global_step", -1))
+        except ValueError as err:
+            log.warning("skipping %s: %s", path, err)
+            continue
+        candidates.append((step, path.name == LAST, path))
+    if not candidates:
+        return None
+    step, is_last, path = max(candidates)
+    if not is_last and (folder / LAST).is_file():
+        log.warning("%s holds step %d, newer than last.ckpt: using it", path.name, step)
+    return path
+
+
+def find_checkpoint(path: str | Path, key: str = "ckpt_path") -> Path:
+    """The checkpoint file ``path`` names: a file, or a run folder of ``src.train`` or its ``checkpoints/`` folder
+    (their newest checkpoint, normally ``last.ckpt``). FileNotFoundError naming ``key`` otherwise."""
+    path = Path(str(path)).expanduser()
+    if path.is_dir():
+        for folder in (path / "checkpoints", path):
+            newest = newest_checkpoint(folder) if folder.is_dir() else None
+            if newest is not None:
+                return newest
+        found = sorted(p.name for p in [*path.glob("*.ckpt"), *path.glob("checkpoints/*.ckpt")])[:5]
+        hint = f" (it holds {', '.join(found)}, none readable as a checkpoint)" if found else ""
+        raise FileNotFoundError(f"{key}={path} is a folder without checkpoints/last.ckpt or last.ckpt{hint}; pass a "
+                                "run folder of `python -m src.train` or a .ckpt file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}={path}: no checkpoint at {path}; pass a .ckpt file or a run folder of "
+                                "`python -m src.train` (<run folder> means <run folder>/checkpoints/last.ckpt)")
+    return path
 
 
 def load_module(path: str | Path, map_location: str | torch.device = "cpu", weights: str = "ema",

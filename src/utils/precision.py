@@ -7,20 +7,9 @@ from collections.abc import Iterator
 
 import torch
 
+from src.utils.device import has_fast_bf16
+
 PRECISIONS = ("fp32", "bf16", "auto")
-
-
-def has_fast_bf16(device: torch.device) -> bool:
-    """True where bf16 matmuls and convolutions run natively: CUDA GPUs with bf16 (Ampere on), and CPUs with
-    AVX512-BF16 or AMX (elsewhere on a CPU bf16 is emulated and slower than fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

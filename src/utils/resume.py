@@ -9,12 +9,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from src.utils.checkpoint import read_checkpoint
+from src.utils.checkpoint import LAST, find_checkpoint, newest_checkpoint, read_checkpoint
 
 log = logging.getLogger(__name__)
-
-LAST = "last.ckpt"
-
 
 def checkpoint_dir(cfg: DictConfig) -> Path | None:
     """The folder the run's ``model_checkpoint`` callback writes to (None without one)."""
@@ -32,25 +29,6 @@ def run_dir_named() -> bool:
         return False
     keys = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.hydra}
     return bool(keys & {"hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir"})
-
-
-def newest_checkpoint(folder: Path) -> Path | None:
-    """The checkpoint of the highest step in ``folder``: ``last.ckpt``, unless a periodic one is newer (a process
-    killed between writing ``step=N.ckpt`` and ``last.ckpt``). Ties go to ``last.ckpt``."""
-    candidates = []
-    for path in sorted(folder.glob("*.ckpt")):
-        try:
-            step = int(read_checkpoint(path, header_only=True).get("global_step", -1))
-        except ValueError as err:
-            log.warning("skipping %s: %s", path, err)
-            continue
-        candidates.append((step, path.name == LAST, path))
-    if not candidates:
-        return None
-    step, is_last, path = max(candidates)
-    if not is_last and (folder / LAST).is_file():
-        log.warning("%s holds step %d, newer than last.ckpt: resuming from it", path.name, step)
-    return path
 
 
 def resolve_ckpt_path(ckpt_path: str | None, checkpoints: Path | None, run_dir_named: bool) -> str | None:
@@ -82,17 +60,7 @@ def resolve_ckpt_path(ckpt_path: str | None, checkpoints: Path | None, run_dir_n
         )
     if ckpt_path in ("best", "hpc") or ckpt_path.startswith("registry") or "://" in ckpt_path:
         return ckpt_path
-    path = Path(ckpt_path).expanduser()
-    if path.is_dir():
-        for folder in (path / "checkpoints", path):
-            newest = newest_checkpoint(folder) if folder.is_dir() else None
-            if newest is not None:
-                return str(newest)
-        raise FileNotFoundError(f"ckpt_path={ckpt_path} is a folder without checkpoints/last.ckpt: pass a run "
-                                "folder of `python -m src.train` or a .ckpt file")
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such file")
-    return str(path)
+    return str(find_checkpoint(ckpt_path, key="ckpt_path"))
 
 
 def slurm_requeue_checkpoint(run_dir: Path, checkpoints: Path | None) -> str | None:

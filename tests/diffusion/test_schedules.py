@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from src.diffusion import SCHEDULES, make_beta_schedule
+from src.diffusion import SCHEDULES, create_diffusion, make_beta_schedule
 
 
 def test_linear_endpoints_and_alpha_bar():
@@ -79,3 +79,28 @@ def test_unknown_schedule_lists_valid_names():
 def test_bad_timesteps():
     with pytest.raises(ValueError, match="num_timesteps"):
         make_beta_schedule("linear", 0)
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (1.5, r"diffusion.num_timesteps must be an integer .*got 1.5"),
+    ("abc", r"diffusion.num_timesteps must be an integer .*got 'abc'"),
+    (True, r"diffusion.num_timesteps must be an integer .*got True"),
+    (float("inf"), r"diffusion.num_timesteps must be an integer .*got inf"),
+    (1, r"diffusion.num_timesteps must be >= 2, got 1: .*step 2's variance"),
+    (0, r"diffusion.num_timesteps must be >= 2, got 0"),
+    (-5, r"diffusion.num_timesteps must be >= 2, got -5"),
+])
+def test_create_diffusion_refuses_timesteps_that_are_not_an_integer_of_at_least_2(value, message):
+    with pytest.raises(ValueError, match=message):
+        create_diffusion("cosine", value)
+
+
+def test_create_diffusion_takes_integral_floats_and_two_steps():
+    assert create_diffusion("cosine", 20.0).num_timesteps == 20
+    assert create_diffusion("cosine", 2).num_timesteps == 2
+
+
+@pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf"), "abc", None, True])
+def test_create_diffusion_refuses_hybrid_weights_that_are_not_finite_and_non_negative(value):
+    with pytest.raises(ValueError, match=rf"diffusion.hybrid_weight must be a finite number >= 0 .*got {value!r}"):
+        create_diffusion("cosine", 20, variance="learned_range", objective="hybrid", hybrid_weight=value)

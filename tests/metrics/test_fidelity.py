@@ -19,6 +19,7 @@ from src.metrics.fidelity import (
     WEIGHTS_ENV,
     compute_fidelity,
     image_dataset,
+    inception_weights_file,
     make_random_inception_weights,
     resolve_inception_weights,
 )
@@ -156,3 +157,47 @@ def test_no_weights_and_no_network_fails_fast_with_instructions(tmp_path, monkey
     assert time.monotonic() - start < 10
     message = str(info.value)
     assert "fid.weights_path" in message and WEIGHTS_ENV in message and INCEPTION_FILENAME in message
+
+
+def write_not_inception(path, kind: str):
+    """A file that is not torch-fidelity's Inception weights: a text file, random bytes, another model's weights,
+    torchvision's Inception-v3 layout (1000 classes), a pickled non-dict."""
+    if kind == "text":
+        path.write_text("weights-inception-2015-12-05-6726825d.pth\n")
+    elif kind == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "other_model":
+        torch.save(torch.nn.Conv2d(3, 8, 3).state_dict(), path)
+    elif kind == "torchvision_layout":
+        torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3),
+                    "Mixed_7c.branch_pool.conv.weight": torch.zeros(192, 2048, 1, 1),
+                    "fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)}, path)
+    else:
+        torch.save([torch.zeros(2)], path)
+    return path
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("text", "cannot be read as PyTorch weights"),
+    ("random", "cannot be read as PyTorch weights"),
+    ("other_model", r"lacks \['Conv2d_1a_3x3.conv.weight'.*its keys begin \['bias', 'weight'\]"),
+    ("torchvision_layout", r"has fc.weight \(1000, 2048\) instead of \(1008, 2048\)"),
+    ("list", "holds a list, not a state dict of tensors"),
+])
+def test_a_file_that_is_not_the_inception_weights_names_the_key_and_the_file_expected(tmp_path, monkeypatch, kind,
+                                                                                      message):
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    path = write_not_inception(tmp_path / "weights.pth", kind)
+    expected = rf"fid\.weights_path={path}.*{message}.*torch-fidelity's {INCEPTION_FILENAME}"
+    with pytest.raises(ValueError, match=expected):
+        compute_fidelity(noise_images(), noise_images(), weights_path=path, device="cpu", cache_root=tmp_path)
+
+
+def test_a_bad_weights_file_from_the_environment_or_the_callback_names_that_setting(tmp_path, monkeypatch):
+    path = write_not_inception(tmp_path / "weights.pth", "text")
+    monkeypatch.setenv(WEIGHTS_ENV, str(path))
+    with pytest.raises(ValueError, match=rf"{WEIGHTS_ENV}={path} cannot be read"):
+        compute_fidelity(noise_images(), noise_images(), device="cpu", cache_root=tmp_path)
+    monkeypatch.delenv(WEIGHTS_ENV)
+    with pytest.raises(ValueError, match=rf"callbacks\.fid\.weights_path={path} cannot be read"):
+        inception_weights_file(path, key="callbacks.fid.weights_path")
