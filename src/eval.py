@@ -326,7 +326,14 @@ def send_to_loggers(cfg: DictConfig, summary: dict, out_dir: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval.yaml")
 def main(cfg: DictConfig) -> float:
+    from src.utils.quiet import silence_library_noise
+    from src.utils.run_folder import mark_progress
+    from src.utils.threads import configure_threads
+
+    silence_library_noise()
+    configure_threads()
     summary = evaluate(cfg)
+    mark_progress()
     return summary.get("nll_bpd", summary.get(cfg.metric))
 
 

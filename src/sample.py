@@ -194,7 +194,15 @@ def sample(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="sample.yaml")
 def main(cfg: DictConfig) -> Path:
-    return sample(cfg)
+    from src.utils.quiet import silence_library_noise
+    from src.utils.run_folder import mark_progress
+    from src.utils.threads import configure_threads
+
+    silence_library_noise()
+    configure_threads()
+    npz = sample(cfg)
+    mark_progress()
+    return npz
 
 
 if __name__ == "__main__":

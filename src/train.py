@@ -93,6 +93,19 @@ def resolve_trainer_precision(trainer_cfg: DictConfig) -> None:
     log.info("trainer.precision=auto -> %s", trainer_cfg.precision)
 
 
+def local_processes(trainer_cfg: DictConfig) -> int:
+    """Training processes this node runs: one per device (``trainer.devices``; ``auto``: every GPU, else one)."""
+    import torch
+
+    devices = trainer_cfg.get("devices", 1)
+    if isinstance(devices, int) or str(devices).isdigit():
+        return max(1, int(devices))
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        return max(1, len(devices))
+    on_gpu = str(trainer_cfg.get("accelerator", "auto")) in ("gpu", "cuda", "auto")
+    return max(1, torch.cuda.device_count()) if on_gpu and torch.cuda.is_available() else 1
+
+
 def check_accelerator(trainer_cfg: DictConfig) -> None:
     """A GPU trainer on a machine without one: say how to train on the CPU instead of Lightning's backend error."""
     import torch
@@ -170,15 +183,38 @@ def main(cfg: DictConfig) -> float | None:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from src.utils.quiet import silence_library_noise
+    from src.utils.threads import configure_threads
 
     silence_library_noise()
+    configure_threads(local_processes(cfg.trainer), int(cfg.data.get("num_workers") or 0))
     try:
         metrics = train(cfg)["metrics"]
     except SIGTERMException as stop:
         # Lightning stops with a bare SystemExit (status 0); a stopped run must not look finished to a scheduler
         raise SystemExit(128 + signal.SIGTERM) from stop
-    metric_name = cfg.get("optimized_metric")
-    return metrics.get(metric_name) if metric_name else None
+    return optimized_metric(cfg, metrics)
+
+
+def optimized_metric(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The value a sweeper optimizes (``optimized_metric``); a sweeper that optimizes gets a clear error when the
+    run never logged it, rather than a failed trial without a reason."""
+    from hydra.core.hydra_config import HydraConfig
+
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name in metrics:
+        return metrics[name]
+    if not HydraConfig.initialized() or getattr(HydraConfig.get().mode, "name", "") != "MULTIRUN":
+        return None  # a single run: nobody optimizes over it
+    sweeper = str(OmegaConf.select(HydraConfig.get(), "sweeper._target_") or "")
+    message = (f"optimized_metric={name} was not logged by this run (logged: {', '.join(sorted(metrics)) or 'none'}); "
+               "val/* metrics need a validation run: check trainer.max_steps against the epoch length and "
+               "trainer.check_val_every_n_epoch")
+    if "optuna" in sweeper.lower():
+        raise ValueError(message)
+    log.warning(message)
+    return None
 
 
 if __name__ == "__main__":

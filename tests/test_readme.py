@@ -65,11 +65,11 @@ def readme_lines() -> list[Line]:
 
 
 # README lines that cannot run here as written, how each is checked instead, and why.
-NOT_HERE = {
+NOT_HERE = {  # the first pattern a line holds decides
     "make test": ("dry run", "runs this very test suite (CI runs it through .ci/run)"),
+    "hydra/launcher=slurm": ("compose", "submits jobs to a SLURM cluster"),
     "experiment=cifar10": ("gpu", "trains the paper's CIFAR-10 model on a GPU on the downloaded data: without a GPU it "
                                   "must stop at once saying how to train on the CPU; with one, it is composed only"),
-    "hydra/launcher=slurm": ("compose", "submits jobs to a SLURM cluster"),
 }
 # Offline stand-ins (not size changes) that a line needs here, and why.
 OFFLINE = {
@@ -90,6 +90,8 @@ SHRINK = {
 }
 # the image-folder example trains the paper-size U-Net at 64x64: narrower, and small batches
 IMAGE_FOLDER = ["model.ch=32", "data.batch_size=4", "data.num_workers=0"]
+# Optuna optimizes val/loss: epochs of two batches, so that the two steps end with a validation
+OPTUNA = ["trainer.limit_train_batches=2", "trainer.check_val_every_n_epoch=1", "trainer.limit_val_batches=1"]
 # a converted paper model samples with T=1000: a respaced chain of a few steps
 CONVERTED = ["sampler.steps=5"]
 
@@ -164,6 +166,8 @@ def prepared_argv(copy: Copy, line: Line, images: Path, inception: Path) -> tupl
     extra = list(SHRINK[module])
     if "data=image_folder" in text:
         extra += IMAGE_FOLDER
+    if "+sweep=optuna" in text:
+        extra += OPTUNA
     if "ddpm-cifar10-32.ckpt" in text:
         extra += CONVERTED
     if "metric=fid" in text:
@@ -177,7 +181,7 @@ def prepared_argv(copy: Copy, line: Line, images: Path, inception: Path) -> tupl
 
 
 def check_not_here(copy: Copy, line: Line, how: str) -> None:
-    argv = [a for a in line.argv if a != "-m"]
+    argv = line.argv[:3] + [a.replace("<partition>", "debug") for a in line.argv[3:] if a != "-m"]
     # a multirun line is composed with the first value of each swept key
     argv = [a.split("=", 1)[0] + "=" + a.split("=", 1)[1].split(",")[0] if "=" in a and "[" not in a else a
             for a in argv]

@@ -5,25 +5,21 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# What `python -m src.*` sets before torch starts OpenMP (src/__init__.py), unless the user set it: OpenMP threads
-# that wait for each other sleep after a short spin instead of spinning for ~0.1 s. On a machine whose cores are
-# also busy with other work, spinning threads hold the cores that the threads they wait for need: a training step
-# of the digits U-Net took 25x longer with a second busy process (benchmarks/NOTES.md).
-OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+# How long the start-up look at the other processes' CPU use lasts.
+PROBE_SECONDS = 0.25
 
 
-def set_openmp_defaults() -> None:
-    """Set ``OPENMP_DEFAULTS`` where the environment has no value; only effective before torch is imported."""
-    for key, value in OPENMP_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+def cgroup_cpu_limit(root: Path | None = None) -> float | None:
     """CPUs the container's CPU quota allows (cgroup v2 ``cpu.max``, or v1 ``cpu.cfs_quota_us``), None if none."""
+    root = CGROUP_ROOT if root is None else root
     try:
         quota, period = (root / "cpu.max").read_text().split()[:2]
         return None if quota == "max" else int(quota) / int(period)
@@ -46,9 +42,40 @@ def usable_cpus() -> int:
     return max(1, cpus)
 
 
-def choose_threads(processes: int = 1, loader_workers: int = 0) -> tuple[int, str]:
+def busy_cpus(seconds: float = PROBE_SECONDS) -> float | None:
+    """How many of this process's CPUs other work keeps busy now (from /proc/stat over ``seconds``), None where
+    that cannot be read."""
+    mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+
+    def sample() -> dict[str, tuple[int, int]]:
+        out = {}
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if not name.startswith("cpu") or name == "cpu" or (mine is not None and int(name[3:]) not in mine):
+                    continue
+                values = [int(v) for v in fields[:8]]
+                out[name] = (sum(values), values[3] + values[4])  # total, idle + iowait
+        return out
+
+    try:
+        before = sample()
+        time.sleep(seconds)
+        after = sample()
+    except (OSError, ValueError):
+        return None
+    busy = 0.0
+    for name, (total, idle) in after.items():
+        if name in before and total > before[name][0]:
+            busy += 1 - (idle - before[name][1]) / (total - before[name][0])
+    return busy
+
+
+def choose_threads(processes: int = 1, loader_workers: int = 0, probe: bool = True) -> tuple[int, str]:
     """Intra-op threads for each of ``processes`` processes of this node that each feed ``loader_workers`` data
-    loader workers (one CPU each), and why."""
+    loader workers (one CPU each), and why. With ``probe``, CPUs that other work keeps busy at start-up are left
+    to it: OpenMP threads that share a core with another busy process spin against it (a digits training step took
+    23x longer with 2 threads beside another 2-thread torch process, 2.8x longer with 1; benchmarks/NOTES.md)."""
     if os.environ.get("OMP_NUM_THREADS"):
         return int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS is set"
     cpus = usable_cpus()
@@ -59,16 +86,21 @@ def choose_threads(processes: int = 1, loader_workers: int = 0) -> tuple[int, st
         why += f" / {processes} processes on this node"
     if loader_workers:
         why += f", less {loader_workers} data loader workers each"
+    busy = busy_cpus() if probe and threads > 1 else None
+    if busy is not None and round(busy) > 0:
+        free = max(1, (cpus - round(busy)) // max(1, processes))
+        if free < threads:
+            threads = free
+            why += f", {busy:.1f} of them busy with other work"
     return threads, why
 
 
-def configure_threads(processes: int = 1, loader_workers: int = 0) -> int:
-    """Set torch's intra-op threads by ``choose_threads`` and log the choice once."""
+def configure_threads(processes: int = 1, loader_workers: int = 0, probe: bool = True) -> int:
+    """Set torch's intra-op threads by ``choose_threads`` and log the choice once (the entry points call it)."""
     import torch
 
-    threads, why = choose_threads(processes, loader_workers)
+    threads, why = choose_threads(processes, loader_workers, probe)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    log.info("torch uses %d CPU thread%s (%s; OMP_WAIT_POLICY=%s)", threads, "" if threads == 1 else "s", why,
-             os.environ.get("OMP_WAIT_POLICY", "unset"))
+    log.info("torch uses %d CPU thread%s (%s)", threads, "" if threads == 1 else "s", why)
     return threads
