@@ -21,8 +21,9 @@ from src.utils.progress import track
 
 Model = Callable[[Tensor, Tensor], Tensor]
 
-# Reverse-process variance sigma_t^2 (paper §3.2, SPEC §2.2). The fixed ones bound the reverse entropy from above
-# (beta_t) and below (tilde-beta_t); the learned ones take a second set of C output channels from the network.
+# Reverse-process variance sigma_t^2 (Ho et al. 2020 §3.2; the reference code's model_var_type). The fixed ones
+# bound the reverse entropy from above (beta_t) and below (tilde-beta_t); the learned ones take a second set of C
+# output channels from the network.
 VARIANCES = {
     "fixed_large": "sigma_t^2 = beta_t, with beta_1 replaced by tilde-beta_2 (the reference code's decoder detail)",
     "fixed_small": "sigma_t^2 = tilde-beta_t, the posterior variance, log clipped at t=1 to log tilde-beta_2",
@@ -33,7 +34,8 @@ VARIANCES = {
 }
 LEARNED_VARIANCES = ("learned", "learned_range")
 
-# What the network predicts (SPEC §2.1); `_predictions` turns each into a predicted x0 and the posterior mean.
+# What the network predicts (the reference code's model_mean_type, plus v); `_predictions` turns each into a
+# predicted x0 and the posterior mean.
 PARAMETERIZATIONS = {
     "eps": "the noise epsilon (the paper's choice)",
     "x0": "the clean data x_0",
@@ -41,7 +43,7 @@ PARAMETERIZATIONS = {
     "v": "v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (velocity; Salimans & Ho 2022)",
 }
 
-# Training objectives (SPEC §3.1-3.2, §2.2 hybrid).
+# Training objectives (Ho et al. 2020 eqs. 5 and 14; improved DDPM's L_hybrid).
 OBJECTIVES = {
     "simple": "unweighted MSE to the parameterization's target (L_simple for eps, eq. 14)",
     "vlb": "the true bound: the KL term at the sampled t in bits/dim, the decoder NLL at t=0 (reference 'kl' loss)",
@@ -265,7 +267,8 @@ class GaussianDiffusion:
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1.0, 1.0)
         if kind == "mean":
-            mean = model_out  # the network's mean is used as is; only the reported x0 is clipped (SPEC §2.1)
+            # the network's mean is used as is; only the reported x0 is clipped (reference p_mean_variance)
+            mean = model_out
         else:
             mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
 
@@ -396,7 +399,7 @@ class GaussianDiffusion:
 
     # --------------------------------------------------- variational bound
     def prior_bpd(self, x0: Tensor) -> Tensor:
-        """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim, shape (B,) (SPEC §3.5 step 2).
+        """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim, shape (B,) (the reference _prior_bpd).
 
         Computed in x0's dtype; normal_kl's expm1 form keeps even the 6e-10 at x0 = 0 good to ~1e-3 in float32.
         """
@@ -417,7 +420,7 @@ class GaussianDiffusion:
 
     def vb_terms_bpd(self, model: Model, x0: Tensor, x_t: Tensor, t: Tensor,
                      clip_denoised: bool = True) -> dict[str, Tensor]:
-        """One term of the bound in bits/dim at code indices t (B,) (SPEC §3.1, §3.5).
+        """One term of the bound in bits/dim at code indices t (B,) (eq. 5; the reference _vb_terms_bpd).
 
         t > 0: L_t = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)), true posterior with the clipped
         log-variance; t == 0: decoder NLL -log p_theta(x_0 | x_1) under the discretized Gaussian (eq. 13).
@@ -430,7 +433,7 @@ class GaussianDiffusion:
     @torch.no_grad()
     def bits_per_dim(self, model: Model, x0: Tensor, generator: torch.Generator | None = None,
                      progress: bool = False, clip_denoised: bool = True) -> dict[str, Tensor]:
-        """The full variational bound per example in bits/dim, as the reference ``calc_bpd_loop`` (SPEC §3.5).
+        """The full variational bound per example in bits/dim, as the reference ``calc_bpd_loop``.
 
         Every index t = T-1..0 gets fresh noise and one model call on x_t ~ q(x_t | x_0), so each term
         is a one-sample Monte Carlo estimate. x0: (B, ...) on the [-1, 1] 8-bit grid.

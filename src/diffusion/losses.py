@@ -1,6 +1,6 @@
 """Pieces of the DDPM variational bound (Ho et al. 2020, eqs. 5 and 13), plain PyTorch, all in nats.
 
-Conversion to bits/dim (``mean_flat(...) / ln 2``) is left to the caller (SPEC §3.4).
+Conversion to bits/dim (``mean_flat(...) / ln 2``) is left to the caller.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ HALF_BIN = 1.0 / 255.0
 
 def normal_kl(mean1: Tensor | float, logvar1: Tensor | float, mean2: Tensor | float,
               logvar2: Tensor | float) -> Tensor:
-    """Elementwise KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) in nats (SPEC §3.1, [H] normal_kl).
+    """Elementwise KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) in nats (the reference normal_kl).
 
     KL = 0.5 * (-1 + lv2 - lv1 + exp(lv1 - lv2) + (m1 - m2)^2 * exp(-lv2)). Arguments broadcast; at least
     one must be a tensor. Log-variances (not variances) keep tiny variances such as tilde-beta_2 exact.
@@ -32,7 +32,7 @@ def normal_kl(mean1: Tensor | float, logvar1: Tensor | float, mean2: Tensor | fl
 
 
 def approx_standard_normal_cdf(x: Tensor) -> Tensor:
-    """Tanh approximation of the standard normal CDF used by the reference decoder (SPEC §3.3 step 3).
+    """Tanh approximation of the standard normal CDF used by the reference decoder (approx_standard_normal_cdf).
 
     Phi~(x) = 0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))); max abs error vs the exact CDF is ~1.8e-4.
     It is monotone with limits 0 and 1, which is what makes the decoder's bin masses sum to one.
@@ -41,7 +41,8 @@ def approx_standard_normal_cdf(x: Tensor) -> Tensor:
 
 
 def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
-    """log p(x) in nats of 8-bit data x in [-1, 1] under a Gaussian discretized to bins (eq. 13, SPEC §3.3).
+    """log p(x) in nats of 8-bit data x in [-1, 1] under a Gaussian discretized to bins (eq. 13; the reference
+    discretized_gaussian_log_likelihood).
 
     Args:
         x: data on the bin centres v/127.5 - 1, any shape.

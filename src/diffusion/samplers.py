@@ -6,7 +6,7 @@ Conventions (as in ``gaussian_diffusion``):
   the diffusion's parameterization (eps, x0, mean or v), with twice the channels for a learned variance;
 - all noise comes from ``randn`` so that a seeded CPU generator gives the same samples on any device.
 
-References: respacing follows improved DDPM (SPEC §8.2), DDIM follows Song et al. eq. 12 (SPEC §8.1).
+References: respacing follows improved DDPM (Nichol & Dhariwal 2021, respace.py), DDIM follows Song et al. 2021 eq. 12.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     laid out as [sin(t*f_0..f_{half-1}), cos(t*f_0..f_{half-1})] with
     f_i = exp(-ln(max_period) * i / (half - 1)), half = dim // 2, plus one zero column if dim is odd.
 
-    This is the DDPM/TF ordering and divisor (SPEC §9.6); improved-diffusion uses divisor `half`
-    and [cos, sin], which is not weight-compatible.
+    This is the DDPM/TF ordering and divisor (the reference get_timestep_embedding); improved-diffusion uses divisor
+    `half` and [cos, sin], which is not weight-compatible.
     """
     if t.ndim != 1:
         raise ValueError(f"timestep_embedding expects t of shape (B,), got {tuple(t.shape)}")

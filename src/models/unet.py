@@ -1,4 +1,4 @@
-"""The DDPM U-Net (Ho et al. 2020, SPEC §6.1; TF reference `diffusion_tf/models/unet.py`).
+"""The DDPM U-Net (Ho et al. 2020 Appendix B; TF reference `diffusion_tf/models/unet.py`).
 
 Submodule names (temb.dense, conv_in, down[i].block/attn/downsample, mid.block_1/attn_1/block_2,
 up[i].block/attn/upsample, norm_out, conv_out; ResBlock norm1/conv1/temb_proj/norm2/conv2/nin_shortcut;

@@ -1,4 +1,5 @@
-"""The variational bound in bits/dim (SPEC §3.1, §3.3-3.5), checked against closed forms computed here."""
+"""The variational bound in bits/dim (Ho et al. 2020 eqs. 5 and 13; the reference calc_bpd_loop), checked against
+closed forms computed here."""
 
 import math
 
@@ -57,7 +58,7 @@ def test_approx_cdf_error_is_about_1_8e_4():
     x = torch.linspace(-8, 8, 1_600_001, dtype=torch.float64)
     approx = approx_standard_normal_cdf(x)
     err = (approx - exact_cdf(x)).abs().max().item()
-    assert 1.7e-4 < err < 2e-4  # SPEC §3.3: ~1.8e-4
+    assert 1.7e-4 < err < 2e-4  # the tanh approximation's maximum error, ~1.8e-4
     assert bool((approx[1:] >= approx[:-1]).all())  # monotone, so decoder bins never go negative
     assert approx[0].item() == pytest.approx(0.0, abs=1e-15) and approx[-1].item() == pytest.approx(1.0)
 
@@ -116,7 +117,7 @@ def test_prior_bpd_linear_schedule_matches_spec():
     q = Normal(math.sqrt(abar_T) * x0, math.sqrt(1 - abar_T))
     ref = kl_divergence(q, Normal(torch.zeros_like(x0), torch.ones_like(x0))).flatten(1).mean(1) / LN2
     assert torch.allclose(prior, ref, rtol=1e-6, atol=1e-16)
-    # SPEC §3.1: 6e-10 bits/dim at x0 = 0 (= abar^2/4 nats to leading order), 2.9e-5 at |x0| = 1
+    # 6e-10 bits/dim at x0 = 0 (= abar^2/4 nats to leading order), 2.9e-5 at |x0| = 1
     assert prior[0].item() == pytest.approx(abar_T**2 / 4 / LN2, rel=1e-3)
     assert prior[0].item() == pytest.approx(6e-10, rel=0.05)
     assert prior[1].item() == pytest.approx(2.9e-5, rel=0.01)
@@ -156,7 +157,8 @@ def expected_terms(variance, probs, m=M, s=S):
     abar = torch.cumprod(1 - betas, 0)
     abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
     tilde = betas * (1 - abar_prev) / (1 - abar)
-    tilde[0] = tilde[1]  # the t=1 clip (SPEC §1): log tilde-beta_1 = log 0 never appears
+    # the t=1 clip (reference posterior_log_variance_clipped): log tilde-beta_1 = log 0 never appears
+    tilde[0] = tilde[1]
     coef1 = abar_prev.sqrt() * betas / (1 - abar)
     sigma2 = torch.cat([tilde[1:2], betas[1:]]) if variance == "fixed_large" else tilde
     v = abar * s**2 + 1 - abar
@@ -232,7 +234,7 @@ def test_bound_with_exact_predictor_sits_just_above_the_data_entropy(variance, m
     0.04-0.19 and 0.63-0.82 above). fixed_small's larger gap is the model, not MC error: at small t the
     optimal reverse variance for near-continuous data is close to beta_t, and tilde-beta_t =
     beta_t (1 - abar_{t-1}) / (1 - abar_t) is up to ~2x smaller; 0.5 (r - 1 - log r) summed over t
-    costs ~0.6 bits (SPEC §2.2: beta_t and tilde-beta_t are the two extremes).
+    costs ~0.6 bits (Ho et al. §3.2: beta_t and tilde-beta_t are the two extremes).
     """
     d = create_diffusion("linear", 1000, variance)
     probs = quantized_probs()

@@ -78,7 +78,8 @@ def test_variance_choices_at_first_step():
     assert torch.allclose(large.model_log_variance[1:], betas[1:].log())
     assert small.model_log_variance[0].item() == pytest.approx(math.log(tilde_beta_2), rel=1e-10)
     assert small.model_log_variance[5].item() == pytest.approx(small.posterior_variance[5].log().item())
-    # decoder std at t=1 under fixed_large is 0.94 on the [0, 255] scale (SPEC §2.2)
+    # decoder std at t=1 under fixed_large is 0.94 on the [0, 255] scale (the reference code's log-variance at t=1
+    # is log tilde-beta_2)
     assert math.exp(0.5 * large.model_log_variance[0].item()) * 127.5 == pytest.approx(0.94, abs=0.01)
 
 

@@ -173,7 +173,7 @@ def test_ddim_eta_0_is_deterministic_given_x_T():
 
 def exact_chain_moments(abar, kept, m, s, kind):
     """Mean and std of x_0 from the chain run with the exact oracle: every step is affine in x_t, so
-    (mean, var) propagate in closed form (SPEC §1 posterior for DDPM, §8.1 with eta = 0 for DDIM)."""
+    (mean, var) propagate in closed form (the posterior, eq. 7, for DDPM; Song et al. eq. 12 with eta = 0 for DDIM)."""
     mean, var = 0.0, 1.0
     order = list(reversed(kept))
     for n, i in enumerate(order):
