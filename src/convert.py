@@ -27,9 +27,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 from torch import Tensor
 
+from src.config import build_module, resolve_run_config
 from src.utils.checkpoint_io import AtomicCheckpointIO
 
 log = logging.getLogger(__name__)
@@ -404,21 +405,23 @@ def convert(cfg: DictConfig) -> Path:
     data_shape = (channels, model_args["resolution"], model_args["resolution"])
 
     run_cfg = run_config_for(model_args, diffusion, cfg)
-    data_shape_of_config = tuple(instantiate(run_cfg.data).data_shape)
+    datamodule = instantiate(run_cfg.data)
+    data_shape_of_config = tuple(datamodule.data_shape)
     if data_shape_of_config != data_shape:
         raise ValueError(f"the diffusers model takes images of shape {list(data_shape)} but the data of "
                          f"train_experiment={cfg.train_experiment} (data={run_cfg.data._target_}) has shape "
                          f"{list(data_shape_of_config)}: choose matching data with train_overrides, e.g. "
                          "'train_overrides=[\"data=image_folder\",\"data.root=<images>\","
                          f"\"data.image_size={data_shape[1]}\",\"data.channels={channels}\"]'")
-    net = instantiate(run_cfg.model)
-    module = instantiate(run_cfg.module, net=net, diffusion=instantiate(run_cfg.diffusion), data_shape=data_shape)
+    resolve_run_config(run_cfg, datamodule, machine=False)  # the converting machine's GPU is not the user's
+    module = build_module(run_cfg, data_shape)
+    net = module.net
     weights = convert_state_dict(read_weights(unet_dir), net.state_dict(), len(model_args["ch_mult"]))
     net.load_state_dict(weights, strict=True)
 
     checkpoint = {
         "state_dict": module.state_dict(),
-        "ddpm_config": OmegaConf.to_container(run_cfg, resolve=True),
+        "ddpm_config": module.run_config,
         "ddpm_data_shape": list(data_shape),
         "ddpm_converted_from": {"unet_config": unet_config, "scheduler_config": scheduler_config},
     }

@@ -9,8 +9,8 @@ import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
+from src.config import fill_model_from_data
 from src.train import build
-from src.utils.instantiate import fill_model_from_data
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -164,7 +164,7 @@ def test_lightning_takes_ranks_and_requeue_signal_from_slurm(hydra_cfg, monkeypa
     signal that configs/hydra/launcher/slurm.yaml asks SLURM to send, and the handler that saves and requeues."""
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    from src.train import resolve_trainer_precision
+    from src.config import resolve_trainer_precision
 
     cfg = hydra_cfg(*TINY, "hydra/launcher=slurm", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                     "trainer.num_nodes=2")

@@ -207,7 +207,7 @@ def test_named_sweep_runs_the_schedule_by_variance_grid(tmp_path):
 def test_trainer_precision_auto(monkeypatch, precision, accelerator, cuda, bf16, expected):
     from omegaconf import OmegaConf
 
-    from src.train import resolve_trainer_precision
+    from src.config import resolve_trainer_precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)

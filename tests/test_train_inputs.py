@@ -23,16 +23,13 @@ def digits_checkpoint(tmp_path_factory) -> str:
 
 
 def run_config(*overrides: str, tmp_path) -> dict:
-    from hydra.utils import instantiate
+    """The resolved run config of ``overrides``, as src.train checks a checkpoint against it."""
     from omegaconf import OmegaConf
 
-    from src.utils.instantiate import fill_model_from_data
+    from src.config import resolve_run_config
 
     cfg = compose_config([*TINY, *overrides], tmp_path / "new")
-
-    data, diffusion = instantiate(cfg.data), instantiate(cfg.diffusion)
-    fill_model_from_data(cfg.model, tuple(data.data_shape), diffusion.output_channels_factor)
-    return OmegaConf.to_container(cfg, resolve=True)
+    return OmegaConf.to_container(resolve_run_config(cfg, machine=False), resolve=True)
 
 
 def test_a_text_file_as_checkpoint_fails_before_training(compose_cfg, tmp_path):
@@ -86,12 +83,28 @@ def test_wandb_with_a_key_but_no_server_falls_back_to_offline(compose_cfg, monke
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
-    start = time.monotonic()
-    with caplog.at_level(logging.WARNING):
-        objects = build(compose_cfg("logger=wandb"))
-    assert time.monotonic() - start < 60
-    assert "W&B server unreachable" in caplog.text and "wandb sync" in caplog.text
-    assert objects["run_config"]["logger"]["wandb"]["offline"] is True
+    import wandb
+
     from src.utils.loggers import finish_wandb
 
-    finish_wandb(objects["loggers"])
+    start = time.monotonic()
+    try:
+        with caplog.at_level(logging.WARNING):
+            objects = build(compose_cfg("logger=wandb"))
+        assert time.monotonic() - start < 60
+        assert "W&B server unreachable" in caplog.text and "wandb sync" in caplog.text
+        assert objects["run_config"]["logger"]["wandb"]["offline"] is True
+        finish_wandb(objects["loggers"])
+    finally:
+        wandb.teardown()  # wandb keeps the key it saw for the rest of the process
+
+
+def test_saving_and_resuming_pass_weights_only(tmp_path, caplog):
+    """Lightning logs "`weights_only` was not set" when a save or a load leaves it to its default."""
+    run = tmp_path / "run"
+    with caplog.at_level(logging.INFO):
+        train(compose_config([*TINY, "trainer.max_steps=2", "callbacks.sample_grid=null"], run))
+        train(compose_config([*TINY, "trainer.max_steps=3", "callbacks.sample_grid=null", "ckpt_path=last",
+                              f"hydra.run.dir={run}"], run))
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert "weights_only` was not set" not in caplog.text

@@ -1,4 +1,5 @@
-"""The LightningModule: an epsilon-model trained with L_simple (Algorithm 1), sampled with Algorithm 2."""
+"""The LightningModule: a backbone trained with the diffusion's objective (L_simple by default, Algorithm 1) and
+sampled with Algorithm 2; the parameterization, objective and variance come from the ``GaussianDiffusion``."""
 
 from __future__ import annotations
 

@@ -6,9 +6,9 @@ import logging
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from src.config import build_module
 from src.models.ddpm_module import DDPMModule
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,7 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu", weig
         cfg.module.compile = bool(compile)
     if compile_options is not None:
         cfg.module.compile_options = compile_options
-    module = instantiate(cfg.module, net=instantiate(cfg.model), diffusion=instantiate(cfg.diffusion),
-                         data_shape=ckpt.get("ddpm_data_shape"))
+    module = build_module(cfg, ckpt.get("ddpm_data_shape"))
     module.run_config = ckpt["ddpm_config"]
     # with EMA, state_dict holds the average and current_model_state the raw weights
     state = ckpt["state_dict"] if weights == "ema" else ckpt.get("current_model_state", ckpt["state_dict"])

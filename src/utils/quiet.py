@@ -21,6 +21,8 @@ def silence_library_noise() -> None:
     # mid-epoch resumes are exact here: the data order is replayed from (seed, epoch) and the batches already
     # trained on are skipped (src.data.base.EpochSeededSampler), which Lightning cannot see
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+    # a resumed run writes into its own checkpoint folder: the run-folder lock rules out a second writer
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     # an advertisement Lightning prints at every Trainer start
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropMessages("💡 Tip"))
