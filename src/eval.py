@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.utils.checkpoint import find_checkpoint, load_module
 from src.utils.device import resolve_device
+from src.utils.files import atomic_write_text
 from src.utils.images import to_uint8
 from src.utils.progress import track
 from src.utils.validate import positive_int
@@ -295,7 +296,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     summary |= {"metric": cfg.metric, "weights": cfg.weights, "ckpt_path": str(ckpt_path)}
     if cfg.metric in ("nll", "interpolation"):
         summary["split"] = cfg.split
-    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out_dir / "metrics.json", json.dumps(summary, indent=2))
     send_to_loggers(cfg, summary, out_dir)
     log.info("outputs in %s", out_dir)
     return summary

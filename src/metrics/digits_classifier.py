@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -24,6 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from src.utils.files import atomic_write, cache_dir
 
 from .frechet import frechet_distance, gaussian_statistics
 
@@ -63,8 +63,7 @@ class DigitsClassifier(nn.Module):
 
 def default_cache_dir() -> Path:
     """``$DDPM_CACHE_DIR`` if set, else ``~/.cache/ddpm``."""
-    env = os.environ.get("DDPM_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "ddpm"
+    return cache_dir()
 
 
 def _resolve_cache_dir(cache_dir: str | Path | None) -> Path:
@@ -72,17 +71,8 @@ def _resolve_cache_dir(cache_dir: str | Path | None) -> Path:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write ``obj`` to ``path`` via a temp file in the same folder + os.replace, so readers (and other
-    processes racing to fill the cache) never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Readers (and other processes racing to fill the cache) never see a half-written file."""
+    atomic_write(path, lambda file: torch.save(obj, file))
 
 
 @contextmanager

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import glob
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import IO, Any
@@ -14,6 +13,8 @@ import torch
 from fsspec.core import url_to_fs
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from src.utils.files import TEMP_MARK, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Remote paths (``s3://`` and the like) go through Lightning's writer unchanged.
     """
 
-    TEMP_MARK = ".tmp-"
+    TEMP_MARK = TEMP_MARK
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         fs, local_path = url_to_fs(str(path))
@@ -41,21 +42,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} writes local files and takes no storage_options")
         target = Path(local_path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temp = target.with_name(f"{target.name}{self.TEMP_MARK}{os.getpid()}")
         try:
-            with open(temp, "wb") as file:
-                self._write(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temp, target)
+            atomic_write(target, lambda file: self._write(checkpoint, file))
         except BaseException as err:
-            temp.unlink(missing_ok=True)
             full = _out_of_space(err, target)
             if full is not None:
                 raise full from err
             raise
-        _fsync_dir(target.parent)
         self._remove_stale_temps(target)
 
     def _write(self, checkpoint: dict[str, Any], file: IO[bytes]) -> None:
@@ -91,17 +84,3 @@ def _out_of_space(err: BaseException, target: Path) -> OSError | None:
                        f"the file system of {target.parent}; {kept}. Raise the limit or write checkpoints elsewhere "
                        "(callbacks.model_checkpoint.dirpath)")
     return None
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable; a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse fsync on a directory; the rename itself is still atomic
-    finally:
-        os.close(fd)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import netrc
 import os
 import socket
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -15,6 +15,8 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
+
+from src.utils.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +42,15 @@ class _AppendingWriter(ExperimentWriter):
             return list(csv.DictReader(f))
 
     def write_rows(self, rows: list[dict[str, str]], fieldnames: list[str]) -> None:
-        path = Path(self.metrics_file_path)
-        temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        with open(temp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fieldnames)
+        def write(file) -> None:
+            text = io.TextIOWrapper(file, newline="", encoding="utf-8")
+            writer = csv.DictWriter(text, fieldnames=fieldnames)
             writer.writeheader()
             writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
+            text.flush()
+            text.detach()  # the bytes file stays open for atomic_write's fsync
+
+        atomic_write(self.metrics_file_path, write)
 
 
 class ResumableCSVLogger(CSVLogger):
