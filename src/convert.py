@@ -126,9 +126,8 @@ SCHEDULER_CONFIG = ("a diffusers DDPMScheduler scheduler_config.json (as DDPMSch
                     "without the file the paper's schedule is used")
 
 
-def unet_arguments(config: dict[str, Any]) -> dict[str, Any]:
-    """Our ``UNet`` arguments for a diffusers ``UNet2DModel`` config.json; ValueError for what it cannot represent."""
-    src = "config.json"
+def _unet2d_config(config: dict[str, Any], src: str) -> dict[str, Any]:
+    """A UNet2DModel config.json with diffusers' defaults filled in; ValueError if it is not one."""
     if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise ValueError(f"{src}: _class_name={config['_class_name']!r}; only UNet2DModel weights convert")
     if "block_out_channels" not in config:
@@ -142,13 +141,15 @@ def unet_arguments(config: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"{src}: unknown UNet2DModel settings {unknown} (diffusers newer than this converter?); "
                          "cannot tell whether our UNet reproduces them")
-    cfg = {**UNET2D_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
-    problems = [_choice_error(src, key, cfg[key], allowed, why)
-                for key, (allowed, why) in UNET2D_REQUIRED.items() if cfg[key] not in allowed]
+    return {**UNET2D_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
 
+
+def _level_problems(cfg: dict[str, Any], src: str) -> list[str]:
+    """What keeps the level widths and block types from mapping onto our levels (ValueError for no widths)."""
     channels = cfg["block_out_channels"]
     if not channels or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels):
         raise ValueError(f"{src}: block_out_channels={channels} must be a non-empty list of positive ints")
+    problems = []
     ch, levels = channels[0], len(channels)
     if any(c % ch for c in channels):
         problems.append(f"{src}: block_out_channels={channels} are not all multiples of the first ({ch}); our "
@@ -161,11 +162,20 @@ def unet_arguments(config: dict[str, Any]) -> dict[str, Any]:
     if len(down) != levels or len(up) != levels:
         problems.append(f"{src}: down_block_types ({len(down)}), up_block_types ({len(up)}) and "
                         f"block_out_channels ({levels}) must have the same length")
-    if problems:
-        raise ValueError("; ".join(problems))
+    return problems
 
-    attn_down = [level for level, t in enumerate(down) if DOWN_BLOCKS[t]]
-    attn_up = [levels - 1 - i for i, t in enumerate(up) if UP_BLOCKS[t]]
+
+def _attention_levels(cfg: dict[str, Any]) -> list[int]:
+    """The levels whose down blocks have attention."""
+    return [level for level, t in enumerate(cfg["down_block_types"]) if DOWN_BLOCKS[t]]
+
+
+def _attention_problems(cfg: dict[str, Any], src: str) -> list[str]:
+    """Attention that is not at the same levels on both paths, or not single-head."""
+    problems = []
+    channels, down, up = cfg["block_out_channels"], list(cfg["down_block_types"]), list(cfg["up_block_types"])
+    attn_down = _attention_levels(cfg)
+    attn_up = [len(channels) - 1 - i for i, t in enumerate(up) if UP_BLOCKS[t]]
     if sorted(attn_up) != attn_down:
         problems.append(f"{src}: down_block_types={down} has attention at levels {attn_down} but "
                         f"up_block_types={up} at levels {sorted(attn_up)}; our U-Net puts attention at the same "
@@ -177,6 +187,20 @@ def unet_arguments(config: dict[str, Any]) -> dict[str, Any]:
         problems.append(f"{src}: attention_head_dim={json.dumps(head_dim)} gives {heads} heads at widths "
                         f"{attn_widths}; our attention is single-head (scaled by 1/sqrt(C)), so only "
                         "attention_head_dim=null (one head of all channels) converts")
+    return problems
+
+
+def _square_size(sample_size: Any) -> Any:
+    """``sample_size`` as one number: a square [n, n] becomes n; other lists None."""
+    if isinstance(sample_size, list | tuple):
+        return sample_size[0] if len(sample_size) == 2 and sample_size[0] == sample_size[1] else None
+    return sample_size
+
+
+def _layer_problems(cfg: dict[str, Any], src: str) -> list[str]:
+    """Group counts, time-embedding width, blocks per level and image size our U-Net cannot take."""
+    problems = []
+    ch, levels = cfg["block_out_channels"][0], len(cfg["block_out_channels"])
     groups = cfg["norm_num_groups"]
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         problems.append(f"{src}: norm_num_groups={json.dumps(groups)} must be a positive int")
@@ -189,19 +213,33 @@ def unet_arguments(config: dict[str, Any]) -> dict[str, Any]:
     layers = cfg["layers_per_block"]
     if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
         problems.append(f"{src}: layers_per_block={layers!r} must be one positive int")
-    size = cfg["sample_size"]
-    if isinstance(size, list | tuple):
-        size = size[0] if len(size) == 2 and size[0] == size[1] else None
+    size = _square_size(cfg["sample_size"])
     factor = 2 ** (levels - 1)
     if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % factor:
         problems.append(f"{src}: sample_size={json.dumps(cfg['sample_size'])} must be one image size divisible "
                         f"by 2**(levels-1) = {factor}; set it to the training image size")
+    return problems
+
+
+def unet_arguments(config: dict[str, Any]) -> dict[str, Any]:
+    """Our ``UNet`` arguments for a diffusers ``UNet2DModel`` config.json; ValueError for what it cannot represent."""
+    src = "config.json"
+    cfg = _unet2d_config(config, src)
+    problems = [_choice_error(src, key, cfg[key], allowed, why)
+                for key, (allowed, why) in UNET2D_REQUIRED.items() if cfg[key] not in allowed]
+    problems += _level_problems(cfg, src)
     if problems:
         raise ValueError("; ".join(problems))
+    problems = _attention_problems(cfg, src) + _layer_problems(cfg, src)
+    if problems:
+        raise ValueError("; ".join(problems))
+    channels, size = cfg["block_out_channels"], _square_size(cfg["sample_size"])
+    ch = channels[0]
     return {"in_channels": int(cfg["in_channels"]), "out_channels": int(cfg["out_channels"]), "ch": ch,
-            "ch_mult": [c // ch for c in channels], "num_res_blocks": layers,
-            "attn_resolutions": [size // 2**level for level in attn_down], "dropout": float(cfg["dropout"]),
-            "resolution": size, "num_groups": int(groups), "norm_eps": float(cfg["norm_eps"])}
+            "ch_mult": [c // ch for c in channels], "num_res_blocks": cfg["layers_per_block"],
+            "attn_resolutions": [size // 2**level for level in _attention_levels(cfg)],
+            "dropout": float(cfg["dropout"]), "resolution": size, "num_groups": int(cfg["norm_num_groups"]),
+            "norm_eps": float(cfg["norm_eps"])}
 
 
 def diffusion_settings(scheduler: dict[str, Any] | None) -> dict[str, Any]:

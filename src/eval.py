@@ -172,10 +172,12 @@ def evaluate_sample_quality(module, cfg: DictConfig, device: torch.device) -> di
         summary["fd_digits_classifier"] = fd(to_uint8(samples).float() / 127.5 - 1)
         summary["fd_digits_classifier_real_floor"] = fd.reference_fd_of_real_data(len(samples), seed=int(cfg.seed))
     elif cfg.metric == "swd":
+        from src.data.base import BaseDataModule
         from src.metrics import sliced_wasserstein_distance
 
         datamodule = instantiate(OmegaConf.create(data_cfg))
-        if not hasattr(datamodule, "sample_reference") or samples.dim() != 2:
+        has_reference = isinstance(datamodule, BaseDataModule) and datamodule.has_reference_distribution
+        if not has_reference or samples.dim() != 2:
             raise ValueError("metric=swd needs a model of 2-D toy data (data=toy2d)")
         gen = torch.Generator().manual_seed(int(cfg.seed))
         reference = datamodule.sample_reference(len(samples), seed=int(cfg.seed))

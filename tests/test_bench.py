@@ -81,7 +81,8 @@ def test_bench_with_peers(tmp_path):
 
 def test_quick_flag_and_paper_config():
     """quick=true switches the null sizes; the defaults are the full ones; the diffusers config is the paper's."""
-    from src.bench import diffusers_unet_config, resolve_sizes
+    from src.bench.run import resolve_sizes
+    from src.bench.sides import diffusers_unet_config
 
     base = dict(batch_size=None, repeats=None, warmup=None, sample_steps=None, ddim_steps=None, train_steps=None)
     full = resolve_sizes(OmegaConf.create({**base, "quick": False}))

@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 import src.eval
-import src.metrics.fidelity
+import src.metrics.fidelity.compute
 import src.sample
 from src.utils.precision import resolve_precision
 
@@ -24,7 +24,7 @@ def files_with(pattern: str) -> list[str]:
 def test_one_resolver_and_one_bf16_check_in_src():
     assert files_with(r"def resolve_device\b") == ["src/utils/device.py"]
     assert files_with(r"is_bf16_supported|_is_mkldnn_bf16_supported") == ["src/utils/device.py"]
-    assert src.sample.resolve_device is src.eval.resolve_device is src.metrics.fidelity.resolve_device
+    assert src.sample.resolve_device is src.eval.resolve_device is src.metrics.fidelity.compute.resolve_device
 
 
 def no_gpu(monkeypatch):
@@ -79,7 +79,7 @@ def test_entry_points_refuse_a_missing_gpu_before_reading_the_checkpoint(monkeyp
 @pytest.mark.parametrize("native", [True, False])
 def test_bench_defaults_use_bf16_exactly_where_sampling_does(monkeypatch, native):
     """``src.bench`` times ours "as it runs by default": precision=auto of src.sample, the same check."""
-    from src.bench import resolve_precisions
+    from src.bench.run import resolve_precisions
 
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
     cpu = torch.device("cpu")

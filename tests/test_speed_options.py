@@ -15,10 +15,11 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from src.bench import FusedEMA, Side, resident_bytes
+from src.bench.sides import FusedEMA, Side
+from src.bench.timing import resident_bytes
 from src.callbacks import EMA
 from src.data import CIFAR10DataModule, DigitsDataModule
-from src.data.base import ResidentBatch
+from src.data.resident import ResidentBatch
 from src.diffusion import create_diffusion
 from src.models import TimeMLP, UNet
 from src.models.ddpm_module import DDPMModule
@@ -361,7 +362,8 @@ def test_resident_bytes_counts_weights_grads_adam_and_ema():
 
 
 def test_bench_gives_ours_the_levers_only_in_the_defaults_setting(tmp_path):
-    from src.bench import build_ours, levers_used
+    from src.bench.report import levers_used
+    from src.bench.sides import build_ours
     from tests.conftest import compose_config
 
     cfg = compose_config(["model.ch=8", "model.num_groups=4", "channels_last=true", "device=cpu"], tmp_path,

@@ -13,11 +13,11 @@ from torch.utils.data import DataLoader
 from src.metrics.fidelity import (
     NOT_IMAGES,
     ImageDataset,
+    datamodule_reference,
     images_from_loader,
     inception_weights_file,
     rgb,
     subset_indices,
-    unflipped_train_set,
     warn_if_unofficial,
 )
 from src.utils.images import to_uint8
@@ -108,7 +108,7 @@ class FIDCallback(L.Callback):
         """Real features from this rank's share of ``num_samples`` training images."""
         rank, world = trainer.global_rank, trainer.world_size
         datamodule = trainer.datamodule
-        train_set = unflipped_train_set(datamodule) if datamodule is not None else None
+        train_set = datamodule_reference(datamodule, "train")  # the data module's images, never flipped
         if train_set is not None:
             indices = subset_indices(len(train_set), self.num_samples, self.seed)[rank::world]
             batches = DataLoader(ImageDataset(train_set, indices), batch_size=self.batch_size)

@@ -7,9 +7,8 @@ class labels (``-1`` for unlabeled data). Splits are drawn from ``seed`` with a 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import lightning as L
 import torch
@@ -19,8 +18,7 @@ from src.utils.validate import check_int
 
 # Label used for examples without a class.
 UNLABELED = -1
-# keeps the per-epoch flip draws of the device-resident path apart from the sampler's order draws
-FLIP_SEED_OFFSET = 0x5EED_F11B
+SPLITS = ("train", "val", "test")
 
 
 def scale_to_unit_range(x: torch.Tensor) -> torch.Tensor:
@@ -125,43 +123,27 @@ class EpochSeededSampler(Sampler[int]):
         return self.num_examples
 
 
-class ResidentBatch(NamedTuple):
-    """A training batch of the device-resident path before ``on_after_batch_transfer`` turns it into ``(x, y)``:
-    indices into the resident training set and whether to flip each example."""
-
-    index: torch.Tensor
-    flip: torch.Tensor
-
-
 class BaseDataModule(L.LightningDataModule):
     """Common arguments, validation and DataLoader construction.
 
-    Subclasses set ``train_set``/``val_set``/``test_set`` in ``setup`` and implement
-    ``data_shape``. ``setup`` builds all splits at once and is idempotent.
-
-    ``device_resident`` (subclasses that implement ``resident_train_data``): the whole training split is kept
-    as one tensor on the training device; the train loader yields only indices (``ResidentBatch``, drawn by the
-    same ``EpochSeededSampler``, so resuming mid-epoch stays exact), and ``on_after_batch_transfer`` gathers,
-    flips and scales the batch there. No worker processes, no per-batch host-to-device copy of images.
+    Subclasses set ``train_set``/``val_set``/``test_set`` in ``setup`` and implement ``data_shape``. ``setup``
+    builds all splits at once and is idempotent. Image modules whose training images flip at random
+    (``random_flip``) implement ``unflipped_train_set``, which ``reference_images`` serves; a module that can draw
+    from its true distribution (toy2d) implements ``sample_reference``. Training data kept on the training device:
+    ``src.data.resident.DeviceResidentDataModule``.
     """
 
-    def __init__(
-        self, batch_size: int, num_workers: int = 0, seed: int = 0, pin_memory: bool = False,
-        device_resident: bool = False,
-    ) -> None:
+    random_flip: bool = False  # modules that flip training images at random set it from their arguments
+
+    def __init__(self, batch_size: int, num_workers: int = 0, seed: int = 0, pin_memory: bool = False) -> None:
         super().__init__()
         self.batch_size = check_int(batch_size, "data.batch_size", 1)
         self.num_workers = check_int(num_workers, "data.num_workers", 0)
         self.seed = check_int(seed, "data.seed", 0)
         self.pin_memory = bool(pin_memory)
-        if not isinstance(device_resident, bool):
-            raise ValueError(f"data.device_resident must be true or false, got {device_resident!r}")
-        self.device_resident = device_resident
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
-        self._resident: tuple[torch.Tensor, torch.Tensor] | None = None  # (images, labels), moved on first use
-        self._resident_flips: tuple[int, torch.Tensor] | None = None  # (epoch, one flip decision per example)
 
     @property
     def name(self) -> str:
@@ -185,6 +167,48 @@ class BaseDataModule(L.LightningDataModule):
     @property
     def is_setup(self) -> bool:
         return self.train_set is not None
+
+    @property
+    def train_flips(self) -> bool:
+        """Whether training examples are flipped horizontally at random."""
+        return bool(self.random_flip)
+
+    # --- what sample metrics compare against -----------------------------------------------------
+
+    @property
+    def has_reference_distribution(self) -> bool:
+        """Whether ``sample_reference`` draws fresh examples of the true data distribution (2-D toy data)."""
+        return False
+
+    def sample_reference(self, n: int, seed: int = 0) -> torch.Tensor | None:
+        """``n`` fresh examples of the true distribution, scaled like the training data; None for a module that
+        holds a finite data set only (``has_reference_distribution`` is False)."""
+        return None
+
+    def reference_images(self, split: str = "train") -> Dataset:
+        """The real images of ``split`` that samples are compared with (FID): a Dataset of ``(x, y)`` with ``x``
+        float32 (C, H, W) in [-1, 1], as the loaders give them but never flipped at random.
+
+        Prepares and sets up the module first if it is not; its own splits keep their augmentation.
+        """
+        if len(self.data_shape) != 3:
+            raise ValueError(f"{type(self).__name__} holds data of shape {self.data_shape}, not images (C, H, W)")
+        if split not in SPLITS:
+            raise ValueError(f"the reference split must be train, val or test, got {split!r}")
+        if getattr(self, f"{split}_set") is None:
+            self.prepare_data()
+            self.setup("test" if split == "test" else "fit")
+        dataset = getattr(self, f"{split}_set")
+        if dataset is None:
+            raise ValueError(f"{type(self).__name__} has no {split} split")
+        return self.unflipped_train_set() if split == "train" and self.train_flips else dataset
+
+    def unflipped_train_set(self) -> Dataset:
+        """The train split (after ``setup``) as it loads, without the random flips."""
+        raise NotImplementedError(f"{type(self).__name__} flips its training images at random but does not "
+                                  "implement unflipped_train_set, which reference_images needs")
+
+    # --- loaders ---------------------------------------------------------------------------------
 
     def _loader(self, dataset: Dataset | None, split: str, train: bool) -> DataLoader:
         if dataset is None:
@@ -217,63 +241,7 @@ class BaseDataModule(L.LightningDataModule):
         return torch.cuda.is_available()
 
     def train_dataloader(self) -> DataLoader:
-        if self.device_resident:
-            return self._resident_loader()
         return self._loader(self.train_set, "train", train=True)
-
-    # --- device-resident training data ---------------------------------------------------------
-
-    @property
-    def train_flips(self) -> bool:
-        """Whether training examples are flipped horizontally at random (subclasses with flips override)."""
-        return bool(getattr(self, "random_flip", False))
-
-    def resident_train_data(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training split as ``(images, labels)`` on the CPU, images in their compact stored form
-        (e.g. uint8), example ``i`` being ``train_set[i]`` before flips; ``to_unit_range`` scales them."""
-        raise ValueError(f"data.device_resident=true is not supported by {type(self).__name__}: "
-                         "use it with data=digits or data=cifar10, or set data.device_resident=false")
-
-    def to_unit_range(self, images: torch.Tensor) -> torch.Tensor:
-        """Stored form of ``resident_train_data`` -> float32 in [-1, 1], exactly as the normal path scales."""
-        return images
-
-    def _resident_loader(self) -> DataLoader:
-        if self.train_set is None:
-            raise RuntimeError(f"{type(self).__name__}.train_dataloader() called before setup(); "
-                               "call prepare_data() and setup() first (the Trainer does this for you)")
-        n = len(self.train_set)  # type: ignore[arg-type]
-        if self._resident is None:
-            self._resident = self.resident_train_data()
-        sampler = EpochSeededSampler(n, self.seed)
-        # indices only, batched in the main process: a worker would have nothing to do
-        return DataLoader(range(n), batch_size=self.batch_size, sampler=sampler, drop_last=n >= self.batch_size,
-                          num_workers=0, collate_fn=functools.partial(self._collate_resident, sampler))
-
-    def _collate_resident(self, sampler: EpochSeededSampler, indices: list[int]) -> ResidentBatch:
-        index = torch.tensor(indices, dtype=torch.long)
-        if not self.train_flips:
-            return ResidentBatch(index, torch.zeros(len(indices), dtype=torch.bool))
-        # the trainer's epoch where there is one (a distributed run wraps the sampler), else the sampler's
-        epoch = self.trainer.current_epoch if self.trainer is not None else sampler.epoch
-        if self._resident_flips is None or self._resident_flips[0] != epoch:
-            # one decision per (epoch, example), independent of the batch order: a resumed run flips alike
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + FLIP_SEED_OFFSET)
-            self._resident_flips = (epoch, torch.rand(sampler.num_examples, generator=g) < 0.5)
-        return ResidentBatch(index, self._resident_flips[1][index])
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if not isinstance(batch, ResidentBatch):
-            return batch
-        device = batch.index.device
-        images, labels = self._resident  # type: ignore[misc]
-        if images.device != device:  # first batch: the training set moves to the training device once
-            images, labels = images.to(device), labels.to(device)
-            self._resident = (images, labels)
-        x = self.to_unit_range(images[batch.index])
-        if self.train_flips:
-            x = torch.where(batch.flip.view(-1, *[1] * (x.dim() - 1)), x.flip(-1), x)
-        return x, labels[batch.index]
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, "val", train=False)

@@ -6,11 +6,13 @@ import os
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive, extract_archive
 from torchvision.transforms import Compose, RandomHorizontalFlip
 
-from .base import BaseDataModule, TransformedSubset, check_fractions, pil_to_unit_range, split_indices
+from .base import TransformedSubset, check_fractions, pil_to_unit_range, split_indices
+from .resident import DeviceResidentDataModule
 
 FOLDER = CIFAR10.base_folder  # "cifar-10-batches-py"
 ARCHIVE = CIFAR10.filename  # "cifar-10-python.tar.gz"
@@ -34,7 +36,7 @@ def _expected_files() -> list[tuple[str, str]]:
     return [(name, md5) for name, md5 in entries]
 
 
-class CIFAR10DataModule(BaseDataModule):
+class CIFAR10DataModule(DeviceResidentDataModule):
     """CIFAR-10 with pixels mapped to [-1, 1] (v/127.5 - 1).
 
     Train is the 50k train split, flipped horizontally at random when ``random_flip``. Val is the
@@ -43,7 +45,7 @@ class CIFAR10DataModule(BaseDataModule):
     (or the archive ``cifar-10-python.tar.gz``, which is extracted); ``download=True`` fetches it.
     ``verify_checksums=False`` accepts a custom copy whose files do not match torchvision's MD5s.
     ``device_resident=True`` keeps the training images as one uint8 tensor on the training device (150 MB for
-    the 50k) and gathers, flips and scales batches there (see ``BaseDataModule``).
+    the 50k) and gathers, flips and scales batches there (see ``src.data.resident``).
     """
 
     def __init__(
@@ -162,6 +164,10 @@ class CIFAR10DataModule(BaseDataModule):
 
     def to_unit_range(self, images: torch.Tensor) -> torch.Tensor:
         return images.to(torch.float32) / 127.5 - 1  # the same operations as pil_to_unit_range: equal values
+
+    def unflipped_train_set(self) -> Dataset:
+        subset = self.train_set
+        return TransformedSubset(subset.base, subset.indices, pil_to_unit_range)  # type: ignore[union-attr]
 
     def setup(self, stage: str | None = None) -> None:
         if self.is_setup:

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
-from .base import (
-    BaseDataModule,
-    TransformedSubset,
-    check_fractions,
-    check_int,
-    scale_to_unit_range,
-    split_indices,
-)
+from .base import TransformedSubset, check_fractions, check_int, scale_to_unit_range, split_indices
+from .resident import DeviceResidentDataModule
 
 
 def _hflip(x: torch.Tensor) -> torch.Tensor:
@@ -21,13 +15,13 @@ def _hflip(x: torch.Tensor) -> torch.Tensor:
     return x.flip(-1) if torch.rand(()) < 0.5 else x
 
 
-class DigitsDataModule(BaseDataModule):
+class DigitsDataModule(DeviceResidentDataModule):
     """``sklearn.datasets.load_digits`` held in memory as one tensor.
 
     Pixels 0..16 are mapped to [-1, 1] via v/16; ``image_size != 8`` resizes once at setup with
     bilinear interpolation. Labels are 0..9. Flips are off by default because digits are not
     mirror-symmetric. ``device_resident=True`` keeps the (already scaled) training split on the training
-    device and gathers and flips batches there (see ``BaseDataModule``).
+    device and gathers and flips batches there (see ``src.data.resident``).
     """
 
     def __init__(
@@ -66,6 +60,10 @@ class DigitsDataModule(BaseDataModule):
         tensors = subset.base.tensors  # type: ignore[union-attr]
         index = torch.as_tensor(subset.indices, dtype=torch.long)  # type: ignore[union-attr]
         return tensors[0][index], tensors[1][index]
+
+    def unflipped_train_set(self) -> Dataset:
+        subset = self.train_set
+        return TransformedSubset(subset.base, subset.indices)  # type: ignore[union-attr]
 
     def prepare_data(self) -> None:
         # The data ship with scikit-learn: nothing to download.

@@ -336,6 +336,10 @@ class ImageFolderDataModule(BaseDataModule):
         steps.append(pil_to_unit_range)
         return Compose(steps)
 
+    def unflipped_train_set(self) -> Dataset:
+        subset = self.train_set
+        return TransformedSubset(subset.base, subset.indices, self._transform(train=False))  # type: ignore[union-attr]
+
     def prepare_data(self) -> None:
         # Local data: nothing to download.
         pass

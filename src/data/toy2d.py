@@ -98,6 +98,10 @@ class Toy2DDataModule(BaseDataModule):
         points = (_draw(self.dataset, n, self.noise, rng) - np.asarray(centre)) / scale
         return torch.as_tensor(points, dtype=torch.float32)
 
+    @property
+    def has_reference_distribution(self) -> bool:
+        return True
+
     def sample_reference(self, n: int, seed: int = 0) -> torch.Tensor:
         """Fresh (n, 2) samples from the true distribution, normalised like the training data."""
         check_int(n, "n", 1)

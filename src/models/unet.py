@@ -123,6 +123,14 @@ class Upsample(nn.Module):
         return self.conv(up)
 
 
+def _stage() -> nn.Module:
+    """One level of the down or up path: ``block`` (res-blocks) and ``attn`` (their attention, if any)."""
+    stage = nn.Module()
+    stage.block = nn.ModuleList()
+    stage.attn = nn.ModuleList()
+    return stage
+
+
 class UNet(nn.Module):
     """DDPM U-Net epsilon/x0/mean predictor.
 
@@ -149,123 +157,124 @@ class UNet(nn.Module):
     ) -> None:
         super().__init__()
         # Hydra passes ListConfig / possibly strings-as-ints; normalise to plain Python types.
-        in_channels = int(in_channels)
-        out_channels = in_channels if out_channels is None else int(out_channels)
-        ch = int(ch)
-        ch_mult = tuple(int(m) for m in ch_mult)
-        num_res_blocks = int(num_res_blocks)
-        attn_resolutions = tuple(int(r) for r in attn_resolutions)
-        dropout = float(dropout)
-        resolution = int(resolution)
-        num_groups = int(num_groups)
-        norm_eps = float(norm_eps)
-
-        if in_channels < 1 or out_channels < 1:
-            raise ValueError(
-                f"model.in_channels={in_channels} and model.out_channels={out_channels} must be >= 1"
-            )
-        if ch < 1 or len(ch_mult) == 0 or any(m < 1 for m in ch_mult):
-            raise ValueError(
-                f"model.ch={ch} must be >= 1 and model.ch_mult={ch_mult} a non-empty list of positive ints"
-            )
-        if num_res_blocks < 0:
-            raise ValueError(f"model.num_res_blocks={num_res_blocks} must be >= 0")
-        factor = 2 ** (len(ch_mult) - 1)
-        if resolution < 1 or resolution % factor != 0:
-            raise ValueError(
-                f"model.resolution={resolution} is not divisible by 2**(len(ch_mult)-1)={factor} required by "
-                f"model.ch_mult={ch_mult}: set model.resolution (= data.image_size) to a multiple of "
-                f"{factor} or use fewer levels in model.ch_mult"
-            )
-        reachable = {resolution // 2**i for i in range(len(ch_mult))}
-        unused = sorted(set(attn_resolutions) - reachable)
-        if unused:
-            warnings.warn(
-                f"model.attn_resolutions contains {unused}, which the U-Net never reaches (its levels run at "
-                f"{sorted(reachable, reverse=True)} for model.resolution={resolution}); no attention is "
-                f"added there",
-                stacklevel=2,
-            )
-
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.ch = ch
-        self.ch_mult = ch_mult
-        self.num_res_blocks = num_res_blocks
-        self.attn_resolutions = attn_resolutions
-        self.dropout = dropout
-        self.resolution = resolution
-        self.num_groups = num_groups
-        self.norm_eps = norm_eps
+        self.in_channels = int(in_channels)
+        self.out_channels = self.in_channels if out_channels is None else int(out_channels)
+        self.ch = int(ch)
+        self.ch_mult = tuple(int(m) for m in ch_mult)
+        self.num_res_blocks = int(num_res_blocks)
+        self.attn_resolutions = tuple(int(r) for r in attn_resolutions)
+        self.dropout = float(dropout)
+        self.resolution = int(resolution)
+        self.num_groups = int(num_groups)
+        self.norm_eps = float(norm_eps)
         self.num_classes = None if num_classes is None else int(num_classes)
-        self.temb_dim = 4 * ch
-
-        def norm(channels: int) -> nn.GroupNorm:
-            if channels % num_groups != 0:
-                raise ValueError(
-                    f"GroupNorm needs channel counts divisible by model.num_groups={num_groups}, but the "
-                    f"U-Net has a {channels}-channel feature map (model.ch={ch}, model.ch_mult={ch_mult}): "
-                    f"choose model.ch (and its multiples) divisible by model.num_groups or lower num_groups"
-                )
-            return nn.GroupNorm(num_groups, channels, eps=norm_eps)
+        self.temb_dim = 4 * self.ch
+        self._check_arguments()
 
         # Timestep MLP: sinusoid(ch) -> Dense(4ch) -> swish -> Dense(4ch).
         self.temb = nn.Module()
         self.temb.dense = nn.ModuleList(
-            [nn.Linear(ch, self.temb_dim), nn.Linear(self.temb_dim, self.temb_dim)]
+            [nn.Linear(self.ch, self.temb_dim), nn.Linear(self.temb_dim, self.temb_dim)]
         )
-
-        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
-
-        skip_channels = [ch]
-        cur = ch
-        res = resolution
-        self.down = nn.ModuleList()
-        for level, mult in enumerate(ch_mult):
-            stage = nn.Module()
-            stage.block = nn.ModuleList()
-            stage.attn = nn.ModuleList()
-            for _ in range(num_res_blocks):
-                stage.block.append(ResBlock(cur, ch * mult, self.temb_dim, dropout, norm))
-                cur = ch * mult
-                if res in attn_resolutions:
-                    stage.attn.append(AttnBlock(cur, norm))
-                skip_channels.append(cur)
-            if level != len(ch_mult) - 1:
-                stage.downsample = Downsample(cur)
-                skip_channels.append(cur)
-                res //= 2
-            self.down.append(stage)
-
-        self.mid = nn.Module()
-        self.mid.block_1 = ResBlock(cur, cur, self.temb_dim, dropout, norm)
-        self.mid.attn_1 = AttnBlock(cur, norm)
-        self.mid.block_2 = ResBlock(cur, cur, self.temb_dim, dropout, norm)
-
-        self.up = nn.ModuleList()
-        for level in reversed(range(len(ch_mult))):
-            stage = nn.Module()
-            stage.block = nn.ModuleList()
-            stage.attn = nn.ModuleList()
-            for _ in range(num_res_blocks + 1):
-                stage.block.append(
-                    ResBlock(cur + skip_channels.pop(), ch * ch_mult[level], self.temb_dim, dropout, norm)
-                )
-                cur = ch * ch_mult[level]
-                if res in attn_resolutions:
-                    stage.attn.append(AttnBlock(cur, norm))
-            if level != 0:
-                stage.upsample = Upsample(cur)
-                res *= 2
-            self.up.insert(0, stage)  # up[i] is level i, matching down[i]
-        assert not skip_channels
-
-        self.norm_out = norm(cur)
-        self.conv_out = nn.Conv2d(cur, out_channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(self.in_channels, self.ch, 3, padding=1)
+        self.down, skip_channels = self._build_down()
+        self.mid = self._build_mid(skip_channels[-1])
+        self.up = self._build_up(skip_channels)
+        self.norm_out = self._norm(self.ch * self.ch_mult[0])
+        self.conv_out = nn.Conv2d(self.ch * self.ch_mult[0], self.out_channels, 3, padding=1)
 
         self._init_weights()
         # Built after the init above, so the other weights start exactly as in the unconditional model.
-        self.label_emb = None if num_classes is None else LabelEmbedding(num_classes, self.temb_dim)
+        self.label_emb = None if num_classes is None else LabelEmbedding(self.num_classes, self.temb_dim)
+
+    def _check_arguments(self) -> None:
+        """ValueError naming the config keys for arguments that build no U-Net; a warning for attention
+        resolutions the levels never reach."""
+        if self.in_channels < 1 or self.out_channels < 1:
+            raise ValueError(
+                f"model.in_channels={self.in_channels} and model.out_channels={self.out_channels} must be >= 1"
+            )
+        if self.ch < 1 or len(self.ch_mult) == 0 or any(m < 1 for m in self.ch_mult):
+            raise ValueError(
+                f"model.ch={self.ch} must be >= 1 and model.ch_mult={self.ch_mult} a non-empty list of positive ints"
+            )
+        if self.num_res_blocks < 0:
+            raise ValueError(f"model.num_res_blocks={self.num_res_blocks} must be >= 0")
+        factor = 2 ** (len(self.ch_mult) - 1)
+        if self.resolution < 1 or self.resolution % factor != 0:
+            raise ValueError(
+                f"model.resolution={self.resolution} is not divisible by 2**(len(ch_mult)-1)={factor} required by "
+                f"model.ch_mult={self.ch_mult}: set model.resolution (= data.image_size) to a multiple of "
+                f"{factor} or use fewer levels in model.ch_mult"
+            )
+        reachable = {self._level_resolution(level) for level in range(len(self.ch_mult))}
+        unused = sorted(set(self.attn_resolutions) - reachable)
+        if unused:
+            warnings.warn(
+                f"model.attn_resolutions contains {unused}, which the U-Net never reaches (its levels run at "
+                f"{sorted(reachable, reverse=True)} for model.resolution={self.resolution}); no attention is "
+                f"added there",
+                stacklevel=3,  # the caller of UNet(...)
+            )
+
+    def _norm(self, channels: int) -> nn.GroupNorm:
+        if channels % self.num_groups != 0:
+            raise ValueError(
+                f"GroupNorm needs channel counts divisible by model.num_groups={self.num_groups}, but the "
+                f"U-Net has a {channels}-channel feature map (model.ch={self.ch}, model.ch_mult={self.ch_mult}): "
+                f"choose model.ch (and its multiples) divisible by model.num_groups or lower num_groups"
+            )
+        return nn.GroupNorm(self.num_groups, channels, eps=self.norm_eps)
+
+    def _level_resolution(self, level: int) -> int:
+        return self.resolution // 2**level
+
+    def _add_block(self, stage: nn.Module, level: int, in_ch: int) -> int:
+        """Append a res-block of ``level`` (and its attention, at an attention resolution) to ``stage``; returns its
+        output channels."""
+        out_ch = self.ch * self.ch_mult[level]
+        stage.block.append(ResBlock(in_ch, out_ch, self.temb_dim, self.dropout, self._norm))
+        if self._level_resolution(level) in self.attn_resolutions:
+            stage.attn.append(AttnBlock(out_ch, self._norm))
+        return out_ch
+
+    def _build_down(self) -> tuple[nn.ModuleList, list[int]]:
+        """down[i]: ``num_res_blocks`` res-blocks of level i, then a downsample (all but the last level). Also
+        returns the channels of every skip connection, in the order the forward pass stores them."""
+        down = nn.ModuleList()
+        skip_channels = [self.ch]  # conv_in's output
+        for level in range(len(self.ch_mult)):
+            stage = _stage()
+            for _ in range(self.num_res_blocks):
+                skip_channels.append(self._add_block(stage, level, skip_channels[-1]))
+            if level != len(self.ch_mult) - 1:
+                stage.downsample = Downsample(skip_channels[-1])
+                skip_channels.append(skip_channels[-1])
+            down.append(stage)
+        return down, skip_channels
+
+    def _build_mid(self, channels: int) -> nn.Module:
+        """Res-block, attention, res-block at the lowest resolution."""
+        mid = nn.Module()
+        mid.block_1 = ResBlock(channels, channels, self.temb_dim, self.dropout, self._norm)
+        mid.attn_1 = AttnBlock(channels, self._norm)
+        mid.block_2 = ResBlock(channels, channels, self.temb_dim, self.dropout, self._norm)
+        return mid
+
+    def _build_up(self, skip_channels: list[int]) -> nn.ModuleList:
+        """up[i]: ``num_res_blocks + 1`` res-blocks of level i, each taking one skip connection (consumed from
+        ``skip_channels``), then an upsample (all but level 0)."""
+        stages = []
+        cur = skip_channels[-1]
+        for level in reversed(range(len(self.ch_mult))):
+            stage = _stage()
+            for _ in range(self.num_res_blocks + 1):
+                cur = self._add_block(stage, level, cur + skip_channels.pop())
+            if level != 0:
+                stage.upsample = Upsample(cur)
+            stages.insert(0, stage)  # up[i] is level i, matching down[i]
+        assert not skip_channels
+        return nn.ModuleList(stages)
 
     def _init_weights(self) -> None:
         # Reference init: xavier-uniform (fan_avg) everywhere, zero biases; the last conv of each

@@ -634,6 +634,43 @@ def test_data_shape_matches_batches(which: str, cifar_root: Path, image_root: Pa
             assert ((y >= 0) & (y < dm.num_classes)).all()
 
 
+@pytest.mark.parametrize("which", ["digits", "cifar10", "image_folder"])
+def test_reference_images_are_the_splits_never_flipped(which: str, cifar_root: Path, image_root: Path):
+    """reference_images: the split as the loaders give it, in [-1, 1], but never flipped; the module keeps flipping."""
+    make = {
+        "digits": partial(DigitsDataModule, batch_size=4),
+        "cifar10": partial(CIFAR10DataModule, data_dir=cifar_root, batch_size=4, download=False,
+                           verify_checksums=False),
+        "image_folder": partial(ImageFolderDataModule, root=image_root, image_size=12, batch_size=2),
+    }[which]
+    dm, plain = make(random_flip=True), make(random_flip=False)
+    reference = dm.reference_images("train")  # sets the module up
+    plain.setup("fit")
+    assert dm.random_flip and len(reference) == len(plain.train_set) == len(dm.train_set)
+    torch.manual_seed(0)
+    flipped = 0
+    for i in range(4):
+        x, y = reference[i]
+        expected, label = plain.train_set[i]
+        assert x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
+        assert torch.equal(x, expected) and torch.equal(reference[i][0], x) and y == label
+        draws = [dm.train_set[i][0] for _ in range(20)]  # the training split still flips
+        assert all(torch.equal(d, x) or torch.equal(d, x.flip(-1)) for d in draws)
+        flipped += sum(not torch.equal(d, x) for d in draws)
+    assert flipped > 0
+    assert dm.reference_images("val") is dm.val_set and dm.reference_images("test") is dm.test_set
+    with pytest.raises(ValueError, match="train, val or test"):
+        dm.reference_images("training")
+
+
+def test_reference_distribution_only_for_toy2d():
+    toy, digits = Toy2DDataModule(num_samples=100), DigitsDataModule()
+    assert toy.has_reference_distribution and toy.sample_reference(5).shape == (5, 2)
+    assert not digits.has_reference_distribution and digits.sample_reference(5) is None
+    with pytest.raises(ValueError, match="not images"):
+        toy.reference_images("train")
+
+
 def test_trainer_fit_on_digits(tmp_path: Path):
     """The DataModule plugs into a real Trainer (prepare_data/setup hooks, train and val loops)."""
     import lightning as L

@@ -119,6 +119,9 @@ class FlippingImages(BaseDataModule):
         x = self.images.flip(-1) if self.random_flip else self.images
         self.train_set = TensorDataset(x, torch.zeros(len(x), dtype=torch.long))
 
+    def unflipped_train_set(self) -> TensorDataset:
+        return TensorDataset(self.images, torch.zeros(len(self.images), dtype=torch.long))
+
 
 def test_datamodule_reference_uses_unflipped_training_images(fid_env):
     images = gradient_images()
