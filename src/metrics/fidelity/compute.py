@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from src.utils.device import resolve_device
+from src.utils.files import cache_dir
 
 from .inputs import LazyDataset, datamodule_images, image_dataset
 from .weights import inception_weights_file, warn_if_unofficial
@@ -24,9 +25,8 @@ _OUTPUT_KEYS = {"frechet_inception_distance": "fid", "inception_score_mean": "is
 
 
 def default_cache_root() -> Path:
-    """``$DDPM_CACHE_DIR/fidelity``, else ``~/.cache/ddpm/fidelity`` (as the digits metric's cache)."""
-    env = os.environ.get("DDPM_CACHE_DIR")
-    return (Path(env).expanduser() if env else Path.home() / ".cache" / "ddpm") / "fidelity"
+    """``<cache folder>/fidelity`` (``src.utils.files.cache_dir``: ``$DDPM_CACHE_DIR``, else ``~/.cache/ddpm``)."""
+    return cache_dir("fidelity")
 
 
 def reference_cache_stem(datamodule: Any, limit: int, split: str = "train") -> str:
