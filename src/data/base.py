@@ -164,6 +164,16 @@ class BaseDataModule(L.LightningDataModule):
         """Bounds every value of ``x`` lies in, or None if unbounded (then samples must not be clipped)."""
         return (-1.0, 1.0)
 
+    def setup(self, stage: str | None = None) -> None:
+        """Build all splits at once; later calls (every stage, every rank's hooks) find them built."""
+        if not self.is_setup:
+            self.load_splits()
+
+    def load_splits(self) -> None:
+        """Set ``train_set``, ``val_set`` and ``test_set`` (the data modules implement it; ``prepare_data``
+        downloads first where there is something to download)."""
+        raise NotImplementedError
+
     @property
     def is_setup(self) -> bool:
         return self.train_set is not None

@@ -169,9 +169,7 @@ class CIFAR10DataModule(DeviceResidentDataModule):
         subset = self.train_set
         return TransformedSubset(subset.base, subset.indices, pil_to_unit_range)  # type: ignore[union-attr]
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.is_setup:
-            return
+    def load_splits(self) -> None:
         # prepare_data runs on rank 0 only; every rank checks the files it is about to read.
         self._check_files()
         # _check_files already verified the MD5s if asked to; hashing again in torchvision is wasted time.

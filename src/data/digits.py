@@ -65,13 +65,7 @@ class DigitsDataModule(DeviceResidentDataModule):
         subset = self.train_set
         return TransformedSubset(subset.base, subset.indices)  # type: ignore[union-attr]
 
-    def prepare_data(self) -> None:
-        # The data ship with scikit-learn: nothing to download.
-        pass
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.is_setup:
-            return
+    def load_splits(self) -> None:
         from sklearn.datasets import load_digits
 
         bunch = load_digits()

@@ -340,13 +340,7 @@ class ImageFolderDataModule(BaseDataModule):
         subset = self.train_set
         return TransformedSubset(subset.base, subset.indices, self._transform(train=False))  # type: ignore[union-attr]
 
-    def prepare_data(self) -> None:
-        # Local data: nothing to download.
-        pass
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.is_setup:
-            return
+    def load_splits(self) -> None:
         files = self.find_images()
         if self.verify:
             self._verify(files)

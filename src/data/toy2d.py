@@ -107,13 +107,7 @@ class Toy2DDataModule(BaseDataModule):
         check_int(n, "n", 1)
         return self._sample(n, seed, stream=1)
 
-    def prepare_data(self) -> None:
-        # Generated on the fly: nothing to download.
-        pass
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.is_setup:
-            return
+    def load_splits(self) -> None:
         x = self._sample(self.num_samples, self.seed, stream=0)
         y = torch.full((len(x),), UNLABELED, dtype=torch.long)
         full = TensorDataset(x, y)
