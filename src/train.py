@@ -44,9 +44,9 @@ def build(cfg: DictConfig, ckpt_path: str | None = None) -> dict[str, Any]:
     resolve_trainer_precision(cfg.trainer)
     check_accelerator(cfg.trainer)
     bounded = getattr(datamodule, "value_range", None) is not None
-    if not bounded and diffusion.objective != "simple":
+    if not bounded and diffusion.objective.discrete_data:
         raise ValueError(
-            f"diffusion.objective={diffusion.objective} uses the discretized decoder of 8-bit data on [-1, 1] at "
+            f"diffusion.objective={diffusion.objective.name} uses the discretized decoder of 8-bit data on [-1, 1] at "
             f"t=1, but data {datamodule.name} is continuous: use diffusion/objective=simple (with a fixed variance)")
     if not bounded and cfg.module.clip_denoised:
         log.warning("data %s is unbounded: sampling without clipping x0 to [-1, 1] (module.clip_denoised=false)",
