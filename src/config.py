@@ -41,9 +41,9 @@ def resolve_run_config(cfg: DictConfig, datamodule: Any | None = None, machine: 
     fill_model_from_data(cfg.model, data_shape, diffusion.output_channels_factor, diffusion.variance)
     fill_model_num_classes(cfg.model, bool(cfg.get("conditional", False)), datamodule.num_classes, datamodule.name)
     bounded = getattr(datamodule, "value_range", None) is not None
-    if not bounded and diffusion.objective != "simple":
+    if not bounded and diffusion.objective.discrete_data:
         raise ValueError(
-            f"diffusion.objective={diffusion.objective} uses the discretized decoder of 8-bit data on [-1, 1] at "
+            f"diffusion.objective={diffusion.objective.name} uses the discretized decoder of 8-bit data on [-1, 1] at "
             f"t=1, but data {datamodule.name} is continuous: use diffusion/objective=simple (with a fixed variance)")
     if not bounded and cfg.module.clip_denoised:
         log.warning("data %s is unbounded: sampling without clipping x0 to [-1, 1] (module.clip_denoised=false)",

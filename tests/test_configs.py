@@ -72,7 +72,7 @@ def test_diffusion_groups_build(compose_cfg, schedule, variance):
 def test_table2_rows_build_with_the_right_output_channels(compose_cfg, row):
     module = build(compose_cfg(f"+diffusion/table2={row}"))["module"]
     parameterization, objective, variance = row.split("_")
-    assert module.diffusion.parameterization == parameterization and module.diffusion.objective == objective
+    assert module.diffusion.parameterization.name == parameterization and module.diffusion.objective.name == objective
     assert module.diffusion.variance == ("learned" if variance == "learned" else "fixed_large")
     assert module.net.out_channels == (2 if variance == "learned" else 1)
 
@@ -80,7 +80,7 @@ def test_table2_rows_build_with_the_right_output_channels(compose_cfg, row):
 @pytest.mark.parametrize("parameterization", group_values("diffusion/parameterization"))
 def test_every_parameterization_builds_on_the_mlp_too(compose_cfg, parameterization):
     module = build(compose_cfg("experiment=toy2d", f"diffusion/parameterization={parameterization}"))["module"]
-    assert module.diffusion.parameterization == parameterization and module.net.out_dim == 2
+    assert module.diffusion.parameterization.name == parameterization and module.net.out_dim == 2
 
 
 def test_learned_variance_with_simple_objective_says_what_to_use(compose_cfg):

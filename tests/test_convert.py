@@ -313,7 +313,7 @@ def test_learned_range_variance_converts_with_twice_the_channels(tmp_path):
     (tmp_path / "unet" / "scheduler_config.json").write_text(json.dumps({**CIFAR10_SCHEDULER,
                                                                           "variance_type": "learned_range"}))
     module = load_module(convert_in_process(tmp_path / "unet", tmp_path))
-    assert (module.diffusion.variance, module.diffusion.objective) == ("learned_range", "hybrid")
+    assert (module.diffusion.variance, module.diffusion.objective.name) == ("learned_range", "hybrid")
     assert_same_outputs(module.net, unet, [3, 700], (3, 32, 32))
 
 

@@ -30,8 +30,11 @@ def test_table2_sweep_trains_every_row_and_each_samples_and_has_a_bound(tmp_path
     for job in range(len(ROWS)):
         folder = sweep_dir / str(job)
         config = yaml.safe_load((folder / ".hydra" / "config.yaml").read_text())["diffusion"]
-        seen[(config["parameterization"], config["objective"], config["variance"])] = job
         module = load_module(folder / "checkpoints" / "last.ckpt")
+        # the run's config selects the objects by _target_; the rebuilt diffusion holds them
+        diffusion = module.diffusion
+        assert config["parameterization"]["_target_"].endswith("." + type(diffusion.parameterization).__name__)
+        seen[(diffusion.parameterization.name, diffusion.objective.name, config["variance"])] = job
         assert module.net.out_channels == (2 if config["variance"] == "learned" else 1)
         samples = module.sample(2, generator=torch.Generator().manual_seed(0))
         assert samples.shape == (2, 1, 8, 8) and torch.isfinite(samples).all()

@@ -60,6 +60,30 @@ def test_other_data_settings_are_allowed_with_a_warning(digits_checkpoint, tmp_p
     assert "data.batch_size: checkpoint 128, this run 32" in caplog.text and "This run's values are used" in caplog.text
 
 
+def test_a_checkpoint_of_the_old_names_resumes_into_a_run_of_the_objects(digits_checkpoint, tmp_path):
+    """Checkpoints written before parameterizations and objectives were _target_ objects store their names
+    (``diffusion.parameterization: eps``): the same settings, so they resume; other ones are named."""
+    from src.diffusion import Eps, Simple
+    from src.utils.checkpoint import load_module
+
+    ckpt = torch.load(digits_checkpoint, map_location="cpu", weights_only=True)
+    diffusion = ckpt["ddpm_config"]["diffusion"]
+    assert diffusion["parameterization"] == {"_target_": "src.diffusion.parameterizations.Eps"}
+    diffusion.update(parameterization="eps", objective="simple")
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    check_resume_checkpoint(str(old), run_config(tmp_path=tmp_path))
+    module = load_module(old)
+    assert (module.diffusion.parameterization, module.diffusion.objective) == (Eps(), Simple())
+
+    diffusion["parameterization"] = "x0"
+    torch.save(ckpt, old)
+    with pytest.raises(ValueError, match=r"diffusion.parameterization._target_: checkpoint "
+                                         r"'src.diffusion.parameterizations.X0', this run "
+                                         r"'src.diffusion.parameterizations.Eps'"):
+        check_resume_checkpoint(str(old), run_config(tmp_path=tmp_path))
+
+
 def test_weights_without_training_state_cannot_be_resumed(digits_checkpoint, tmp_path):
     ckpt = torch.load(digits_checkpoint, map_location="cpu", weights_only=True)
     weights_only = {k: ckpt[k] for k in ("state_dict", "ddpm_config", "ddpm_data_shape")}  # as src.convert writes

@@ -2,26 +2,23 @@
 
 import math
 
-from src.diffusion.gaussian_diffusion import (
-    LEARNED_VARIANCES,
-    OBJECTIVES,
-    PARAMETERIZATIONS,
-    VARIANCES,
-    GaussianDiffusion,
-    randn,
-)
+from src.diffusion.gaussian_diffusion import LEARNED_VARIANCES, VARIANCES, GaussianDiffusion, randn
 from src.diffusion.guidance import ClassifierFreeGuidance, ConditionalModel
+from src.diffusion.legacy import OBJECTIVES, PARAMETERIZATIONS, objective_from, parameterization_from
 from src.diffusion.losses import (
     approx_standard_normal_cdf,
     discretized_gaussian_log_likelihood,
     mean_flat,
     normal_kl,
 )
+from src.diffusion.objectives import Hybrid, Objective, Simple, Vlb, check_hybrid_weight
+from src.diffusion.parameterizations import X0, Eps, Mean, Parameterization, V
 from src.diffusion.samplers import SAMPLERS, ddim_sample, ddpm_sample, respace, space_timesteps
 from src.diffusion.schedules import SCHEDULES, make_beta_schedule
 
 __all__ = ["GaussianDiffusion", "make_beta_schedule", "create_diffusion", "randn", "SCHEDULES", "VARIANCES",
            "PARAMETERIZATIONS", "OBJECTIVES", "LEARNED_VARIANCES",
+           "Parameterization", "Eps", "X0", "Mean", "V", "Objective", "Simple", "Vlb", "Hybrid",
            "normal_kl", "approx_standard_normal_cdf", "discretized_gaussian_log_likelihood", "mean_flat",
            "ClassifierFreeGuidance", "ConditionalModel",
            "SAMPLERS", "ddpm_sample", "ddim_sample", "respace", "space_timesteps"]
@@ -40,24 +37,20 @@ def _check_num_timesteps(value) -> int:
     return int(value)
 
 
-def _check_hybrid_weight(value) -> float:
-    """``diffusion.hybrid_weight`` as a finite float >= 0."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"diffusion.hybrid_weight must be a finite number >= 0 (lambda of diffusion/objective=hybrid, "
-                         f"improved DDPM: 0.001), got {value!r}")
-    return float(value)
-
-
 def create_diffusion(schedule: str = "linear", num_timesteps: int = 1000, variance: str = "fixed_large",
-                     parameterization: str = "eps", objective: str = "simple", hybrid_weight: float = 0.001,
-                     schedule_kwargs: dict | None = None) -> GaussianDiffusion:
+                     parameterization: Parameterization | str = "eps", objective: Objective | str = "simple",
+                     hybrid_weight: float = 0.001, schedule_kwargs: dict | None = None) -> GaussianDiffusion:
     """Build a GaussianDiffusion from config values (the ``diffusion`` node of the Hydra config).
 
-    ValueError naming the config key for a ``num_timesteps`` that is not an integer >= 2 or a ``hybrid_weight``
-    that is not a finite number >= 0.
+    ``parameterization`` and ``objective`` are objects (config nodes with ``_target_``, which Hydra instantiates
+    first) or, for configs and checkpoints written before they were objects, their names (``eps``, ``hybrid``, ...;
+    ``src.diffusion.legacy``). ``hybrid_weight`` is lambda of the hybrid objective: configs/diffusion/objective/
+    hybrid.yaml hands it to ``Hybrid``, and an old config's name ``hybrid`` takes it here.
+    ValueError naming the config key for a ``num_timesteps`` that is not an integer >= 2, a ``hybrid_weight``
+    that is not a finite number >= 0, or an unknown name.
     """
     num_timesteps = _check_num_timesteps(num_timesteps)
-    hybrid_weight = _check_hybrid_weight(hybrid_weight)
+    hybrid_weight = check_hybrid_weight(hybrid_weight)
     betas = make_beta_schedule(schedule, num_timesteps, **dict(schedule_kwargs or {}))
-    return GaussianDiffusion(betas, variance=variance, parameterization=parameterization, objective=objective,
-                             hybrid_weight=hybrid_weight)
+    return GaussianDiffusion(betas, variance=variance, parameterization=parameterization_from(parameterization),
+                             objective=objective_from(objective, hybrid_weight))

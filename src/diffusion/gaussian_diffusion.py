@@ -4,8 +4,9 @@ Conventions:
 - ``t`` is a LongTensor of shape (B,) holding 0-based indices in [0, T-1]; paper timestep = index + 1.
   Index 0 is the decoder step: it gets no noise when sampling, and alpha-bar_prev[0] = 1.
 - Every coefficient is precomputed in float64 and cast to the data's dtype when gathered.
-- Models are called as ``model(x_t, t)`` and predict epsilon (the paper's parameterization), x0, the
-  posterior mean or v; with a learned variance they return twice the data's channels (dim 1).
+- Models are called as ``model(x_t, t)`` and predict what the parameterization says (``parameterizations``:
+  epsilon, the paper's choice, x0, the posterior mean or v); with a learned variance they return twice the
+  data's channels (dim 1). The training loss is the objective's (``objectives``: simple, vlb, hybrid).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch
 from torch import Tensor
 
 from src.diffusion.losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from src.diffusion.objectives import Objective, Simple
+from src.diffusion.parameterizations import Eps, Parameterization
 from src.utils.progress import track
 
 Model = Callable[[Tensor, Tensor], Tensor]
@@ -34,28 +37,56 @@ VARIANCES = {
 }
 LEARNED_VARIANCES = ("learned", "learned_range")
 
-# What the network predicts (the reference code's model_mean_type, plus v); `_predictions` turns each into a
-# predicted x0 and the posterior mean.
-PARAMETERIZATIONS = {
-    "eps": "the noise epsilon (the paper's choice)",
-    "x0": "the clean data x_0",
-    "mean": "the posterior mean mu-tilde(x_t, x_0) itself (the paper's mu-tilde baseline, Table 2)",
-    "v": "v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (velocity; Salimans & Ho 2022)",
-}
-
-# Training objectives (Ho et al. 2020 eqs. 5 and 14; improved DDPM's L_hybrid).
-OBJECTIVES = {
-    "simple": "unweighted MSE to the parameterization's target (L_simple for eps, eq. 14)",
-    "vlb": "the true bound: the KL term at the sampled t in bits/dim, the decoder NLL at t=0 (reference 'kl' loss)",
-    "hybrid": "simple + hybrid_weight * T * the bound term with the mean frozen, training the variance "
-              "(improved DDPM's L_hybrid, lambda = 0.001)",
-}
-
 
 def _check_choice(kind: str, value: str, valid: dict[str, str]) -> None:
     if value not in valid:
         raise ValueError(f"unknown {kind} {value!r} (diffusion.{kind}): valid values are "
                          + "; ".join(f"{k} ({v})" for k, v in valid.items()))
+
+
+def _check_object(kind: str, value, base: type):
+    if not isinstance(value, base):
+        raise TypeError(f"{kind} must be a {base.__module__}.{base.__name__} object, got {value!r} (create_diffusion "
+                        "also takes the names of configs written before they were objects)")
+    return value
+
+
+def _precompute(betas: Tensor, variance: str) -> dict[str, Tensor]:
+    """Every float64 (T,) array the process needs, from beta_1..beta_T (index 0 = paper step 1)."""
+    alphas = 1.0 - betas
+    alphas_cumprod = torch.cumprod(alphas, dim=0)
+    alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    # tilde-beta_1 = 0: its log would be -inf, so entry 0 takes entry 1 (reference code).
+    posterior_log_variance_clipped = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
+
+    if variance == "fixed_small":
+        model_variance = posterior_variance
+        model_log_variance = posterior_log_variance_clipped
+    else:
+        # beta_t, except at t=1 where tilde-beta_2 gives a better decoder likelihood (reference code).
+        # Learned variances do not use these two arrays.
+        model_variance = torch.cat([posterior_variance[1:2], betas[1:]])
+        model_log_variance = torch.log(model_variance)
+
+    return {
+        "betas": betas,
+        "log_betas": torch.log(betas),
+        "alphas": alphas,
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": alphas_cumprod_prev,
+        "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+        "log_one_minus_alphas_cumprod": torch.log(1.0 - alphas_cumprod),
+        "sqrt_recip_alphas_cumprod": (1.0 / alphas_cumprod).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1.0).sqrt(),
+        "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": posterior_log_variance_clipped,
+        "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+        "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+        "model_variance": model_variance,
+        "model_log_variance": model_log_variance,
+    }
 
 
 class GaussianDiffusion:
@@ -65,74 +96,26 @@ class GaussianDiffusion:
         betas: (T,) tensor of beta_1..beta_T, e.g. from ``make_beta_schedule``.
         variance: reverse-process variance, a key of ``VARIANCES`` (``fixed_large``: sigma_t^2 = beta_t;
             ``fixed_small``: sigma_t^2 = tilde-beta_t; ``learned``/``learned_range``: from the network).
-        parameterization: what the network predicts, a key of ``PARAMETERIZATIONS`` (``eps``, ``x0``, ``mean``,
-            ``v``).
-        objective: the training loss, a key of ``OBJECTIVES`` (``simple``, ``vlb``, ``hybrid``).
-        hybrid_weight: lambda of the hybrid objective (the bound term enters as lambda * T * L_t).
+        parameterization: what the network predicts, a ``Parameterization`` (``src.diffusion.parameterizations``:
+            ``Eps()``, the default, ``X0()``, ``Mean()``, ``V()``).
+        objective: the training loss, an ``Objective`` (``src.diffusion.objectives``: ``Simple()``, the default,
+            ``Vlb()``, ``Hybrid(weight)``); it refuses variances it cannot train.
     """
 
-    def __init__(self, betas: Tensor, variance: str = "fixed_large", parameterization: str = "eps",
-                 objective: str = "simple", hybrid_weight: float = 0.001):
+    def __init__(self, betas: Tensor, variance: str = "fixed_large", parameterization: Parameterization | None = None,
+                 objective: Objective | None = None):
         _check_choice("variance", variance, VARIANCES)
-        _check_choice("parameterization", parameterization, PARAMETERIZATIONS)
-        _check_choice("objective", objective, OBJECTIVES)
-        learned = variance in LEARNED_VARIANCES
-        if learned and objective == "simple":
-            raise ValueError(
-                f"diffusion.variance={variance} with diffusion.objective=simple: the MSE gives the variance "
-                "channels no gradient, so they would stay untrained; use diffusion/objective=hybrid (improved "
-                "DDPM) or vlb, or a fixed variance (fixed_large, fixed_small)")
-        if not learned and objective == "hybrid":
-            raise ValueError(
-                f"diffusion.objective=hybrid adds the bound with the mean frozen, which only trains a learned "
-                f"variance; with diffusion.variance={variance} it is objective=simple plus a constant: use "
-                "diffusion/variance=learned_range (or learned), or diffusion/objective=simple")
-        if hybrid_weight < 0:
-            raise ValueError(f"diffusion.hybrid_weight must be >= 0, got {hybrid_weight}")
+        self.variance = variance
+        parameterization = Eps() if parameterization is None else parameterization
+        self.parameterization = _check_object("parameterization", parameterization, Parameterization)
+        self.objective = _check_object("objective", Simple() if objective is None else objective, Objective)
         betas = torch.as_tensor(betas, dtype=torch.float64).flatten().cpu()
         if betas.numel() < 2 or not bool(((betas > 0) & (betas <= 1)).all()):
             raise ValueError("betas must be a 1-D schedule of at least 2 values in (0, 1]")
-        self.variance = variance
-        self.parameterization = parameterization
-        self.objective = objective
-        self.hybrid_weight = float(hybrid_weight)
         self.num_timesteps = int(betas.numel())
-
-        alphas = 1.0 - betas
-        alphas_cumprod = torch.cumprod(alphas, dim=0)
-        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        # tilde-beta_1 = 0: its log would be -inf, so entry 0 takes entry 1 (reference code).
-        posterior_log_variance_clipped = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
-
-        if variance == "fixed_small":
-            model_variance = posterior_variance
-            model_log_variance = posterior_log_variance_clipped
-        else:
-            # beta_t, except at t=1 where tilde-beta_2 gives a better decoder likelihood (reference code).
-            # Learned variances do not use these two arrays.
-            model_variance = torch.cat([posterior_variance[1:2], betas[1:]])
-            model_log_variance = torch.log(model_variance)
-
-        self.buffers: dict[str, Tensor] = {
-            "betas": betas,
-            "log_betas": torch.log(betas),
-            "alphas": alphas,
-            "alphas_cumprod": alphas_cumprod,
-            "alphas_cumprod_prev": alphas_cumprod_prev,
-            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
-            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
-            "log_one_minus_alphas_cumprod": torch.log(1.0 - alphas_cumprod),
-            "sqrt_recip_alphas_cumprod": (1.0 / alphas_cumprod).sqrt(),
-            "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1.0).sqrt(),
-            "posterior_variance": posterior_variance,
-            "posterior_log_variance_clipped": posterior_log_variance_clipped,
-            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
-            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
-            "model_variance": model_variance,
-            "model_log_variance": model_log_variance,
-        }
+        self.buffers: dict[str, Tensor] = _precompute(betas, variance)
         self._device_cache: dict[torch.device, dict[str, Tensor]] = {}
+        self.objective.check(self)  # last: a check may look at anything above
 
     @property
     def learns_variance(self) -> bool:
@@ -219,22 +202,13 @@ class GaussianDiffusion:
                 / self.extract("posterior_mean_coef1", t, x_t))
 
     def training_target(self, x0: Tensor, x_t: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """What the network should output for the parameterization: eps, x0, the posterior mean, or v."""
-        if self.parameterization == "eps":
-            return noise
-        if self.parameterization == "x0":
-            return x0
-        if self.parameterization == "mean":
-            return self.q_posterior_mean_variance(x0, x_t, t)[0]
-        return (self.extract("sqrt_alphas_cumprod", t, x0) * noise
-                - self.extract("sqrt_one_minus_alphas_cumprod", t, x0) * x0)
+        """What the network should output, the parameterization's target (eps, x0, the posterior mean, v, ...)."""
+        return self.parameterization.target(self, x0, x_t, t, noise)
 
     # ------------------------------------------------------- reverse process
-    def split_output(self, output: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Split the network output into the parameterization's prediction and the variance channels (or None).
-
-        Channels are dim 1, for images (B, C, H, W) and vectors (B, D) alike.
-        """
+    def check_output(self, output: Tensor, x_t: Tensor) -> None:
+        """ValueError unless the network output has x_t's shape, or twice its channels (dim 1) with a learned
+        variance (images (B, C, H, W) and vectors (B, D) alike)."""
         factor = self.output_channels_factor
         expected = (x_t.shape[0], x_t.shape[1] * factor, *x_t.shape[2:])
         if tuple(output.shape) != expected:
@@ -244,34 +218,32 @@ class GaussianDiffusion:
                 f"the model returned shape {tuple(output.shape)} for input {tuple(x_t.shape)}: with "
                 f"diffusion.variance={self.variance} it must return {what} i.e. {expected} (leave "
                 "model.out_channels / model.out_dim null to have it set from the data and the variance)")
+
+    def split_output(self, output: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Split the network output into the parameterization's prediction and the variance channels (or None),
+        both in x_t's dtype. Channels are dim 1, for images (B, C, H, W) and vectors (B, D) alike."""
+        self.check_output(output, x_t)
         output = output.to(x_t.dtype)
-        if factor == 1:
+        if self.output_channels_factor == 1:
             return output, None
         return output.chunk(2, dim=1)
 
-    def _predictions(self, model_out: Tensor, var_out: Tensor | None, x_t: Tensor, t: Tensor,
-                     clip_denoised: bool) -> dict[str, Tensor]:
-        """Moments of p_theta(x_{t-1} | x_t) from the split network output (see ``p_mean_variance``)."""
+    def predictions(self, model_out: Tensor, var_out: Tensor | None, x_t: Tensor, t: Tensor,
+                    clip_denoised: bool) -> dict[str, Tensor]:
+        """Moments of p_theta(x_{t-1} | x_t) from the split network output (see ``p_mean_variance``): the
+        parameterization gives x0, eps (from the unclipped x0) and the mean (from the clipped one)."""
         kind = self.parameterization
-        if kind == "eps":
-            pred_x0 = self.predict_x0_from_eps(x_t, t, model_out)
-            pred_eps = model_out
-        elif kind == "x0":
-            pred_x0 = model_out
-        elif kind == "v":
-            pred_x0 = self.predict_x0_from_v(x_t, t, model_out)
-        else:
-            pred_x0 = self.predict_x0_from_mean(x_t, t, model_out)
-        if kind != "eps":
-            pred_eps = self.predict_eps_from_x0(x_t, t, pred_x0)
+        pred_x0 = kind.to_x0(self, model_out, x_t, t)
+        pred_eps = kind.to_eps(self, model_out, pred_x0, x_t, t)
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1.0, 1.0)
-        if kind == "mean":
-            # the network's mean is used as is; only the reported x0 is clipped (reference p_mean_variance)
-            mean = model_out
-        else:
-            mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
+        mean = kind.to_mean(self, model_out, pred_x0, x_t, t)
+        variance, log_variance = self._reverse_variance(var_out, x_t, t)
+        return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_x0": pred_x0,
+                "pred_eps": pred_eps, "model_output": model_out}
 
+    def _reverse_variance(self, var_out: Tensor | None, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(variance, log-variance) of p_theta(x_{t-1} | x_t), x_t's shape: fixed, or from the variance channels."""
         if self.variance == "learned":
             log_variance = var_out
         elif self.variance == "learned_range":
@@ -282,8 +254,7 @@ class GaussianDiffusion:
             log_variance = self.extract("model_log_variance", t, x_t).expand_as(x_t)
         variance = (self.extract("model_variance", t, x_t).expand_as(x_t) if var_out is None
                     else torch.exp(log_variance))
-        return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_x0": pred_x0,
-                "pred_eps": pred_eps, "model_output": model_out}
+        return variance, log_variance
 
     def p_mean_variance(self, model: Model, x_t: Tensor, t: Tensor, clip_denoised: bool = True) -> dict[str, Tensor]:
         """Moments of p_theta(x_{t-1} | x_t) for any parameterization and variance.
@@ -296,7 +267,7 @@ class GaussianDiffusion:
         """
         self._check_t(t, x_t.shape[0])
         model_out, var_out = self.split_output(model(x_t, t), x_t)
-        return self._predictions(model_out, var_out, x_t, t, clip_denoised)
+        return self.predictions(model_out, var_out, x_t, t, clip_denoised)
 
     def p_sample(self, model: Model, x_t: Tensor, t: Tensor, clip_denoised: bool = True,
                  generator: torch.Generator | None = None) -> dict[str, Tensor]:
@@ -362,40 +333,21 @@ class GaussianDiffusion:
                         return_terms: bool = False) -> Tensor | dict[str, Tensor]:
         """Per-example training loss of the configured objective, shape (B,) (Algorithm 1).
 
-        - ``simple``: MSE to ``training_target`` averaged over dimensions; for eps this is L_simple (eq. 14).
-          The mean over pixels (not the sum) follows the reference code; gradient clipping at 1.0 assumes it.
-        - ``vlb``: the bound's term at t in bits/dim, without clipping x0 (the reference code's ``kl`` loss):
-          the KL to the posterior for t > 0, the discretized decoder NLL at index 0. Over uniform t it
-          estimates (L - L_T) / T.
-        - ``hybrid``: ``simple`` + hybrid_weight * T * the bound's term computed with the prediction detached,
-          so the bound trains only the variance channels (improved DDPM).
-        With ``return_terms`` returns a dict with ``loss`` and its parts ``mse`` and/or ``vb``.
+        x0: (B, ...); t: (B,) 0-based indices, drawn uniformly when None; noise: x0's shape, drawn when None.
+        The objective (``src.diffusion.objectives``) gets the network's output at x_t = q_sample(x0, t, noise):
+        ``Simple`` is the MSE to ``training_target`` (L_simple for eps, eq. 14), ``Vlb`` the bound's term at t
+        in bits/dim, ``Hybrid`` the MSE plus weight * T * the bound's term for the variance (improved DDPM).
+        With ``return_terms`` returns the objective's dict: ``loss`` and its parts (``mse`` and/or ``vb``).
         """
         if t is None:
             t = self.sample_timesteps(x0.shape[0], x0.device, generator)
         if noise is None:
             noise = self._randn_like(x0, generator)
         x_t = self.q_sample(x0, t, noise)
-        model_out, var_out = self.split_output(model(x_t, t), x_t)
-        model_out = model_out.float()
-        var_out = var_out.float() if var_out is not None else None
-        terms: dict[str, Tensor] = {}
-        if self.objective in ("simple", "hybrid"):
-            target = self.training_target(x0, x_t, t, noise).float()
-            terms["mse"] = mean_flat((target - model_out) ** 2)
-        if self.objective in ("vlb", "hybrid"):
-            frozen = model_out.detach() if self.objective == "hybrid" else model_out
-            p = self._predictions(frozen, var_out, x_t.float(), t, clip_denoised=False)
-            terms["vb"] = self._vb_term(p, x0.float(), x_t.float(), t)
-        if self.objective == "simple":
-            loss = terms["mse"]
-        elif self.objective == "vlb":
-            loss = terms["vb"]
-        else:
-            loss = terms["mse"] + self.hybrid_weight * self.num_timesteps * terms["vb"]
-        if return_terms:
-            return {"loss": loss, **terms}
-        return loss
+        output = model(x_t, t)
+        self.check_output(output, x_t)
+        terms = self.objective(self, output, x0, x_t, t, noise)
+        return terms if return_terms else terms["loss"]
 
     # --------------------------------------------------- variational bound
     def prior_bpd(self, x0: Tensor) -> Tensor:
@@ -408,8 +360,9 @@ class GaussianDiffusion:
         kl = normal_kl(mean, log_variance, torch.zeros_like(mean), torch.zeros_like(log_variance))
         return mean_flat(kl) / math.log(2.0)
 
-    def _vb_term(self, p: dict[str, Tensor], x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        """The bound's term at t in bits/dim (B,) given the reverse moments ``p`` (see ``vb_terms_bpd``)."""
+    def bound_term(self, p: dict[str, Tensor], x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The bound's term at t in bits/dim (B,) given the reverse moments ``p`` of ``predictions`` (see
+        ``vb_terms_bpd``)."""
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, x_t, t)
         kl = normal_kl(true_mean, true_log_variance, p["mean"], p["log_variance"])
         kl = mean_flat(kl) / math.log(2.0)
@@ -427,7 +380,7 @@ class GaussianDiffusion:
         Returns ``output`` (B,), and ``pred_x0``, ``pred_eps`` and ``model_output`` (x_t's shape).
         """
         p = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised)
-        return {"output": self._vb_term(p, x0, x_t, t), "pred_x0": p["pred_x0"], "pred_eps": p["pred_eps"],
+        return {"output": self.bound_term(p, x0, x_t, t), "pred_x0": p["pred_x0"], "pred_eps": p["pred_eps"],
                 "model_output": p["model_output"]}
 
     @torch.no_grad()
@@ -439,7 +392,8 @@ class GaussianDiffusion:
         is a one-sample Monte Carlo estimate. x0: (B, ...) on the [-1, 1] 8-bit grid.
         Returns ``total`` (B,) = terms.sum(1) + prior, ``prior`` (B,), and ``terms``, ``mse``
         (pred-x0 MSE), ``eps_mse`` (epsilon MSE), each (B, T) with column t holding code index t
-        (column 0 is the decoder NLL).
+        (column 0 is the decoder NLL). As in ``calc_bpd_loop``, ``mse`` and ``eps_mse`` use the x0 clipped when
+        ``clip_denoised``, eps recomputed from it (``_predict_eps_from_xstart``), not the network's own eps.
         """
         batch, num = x0.shape[0], self.num_timesteps
         terms = torch.zeros(batch, num, device=x0.device, dtype=x0.dtype)
@@ -452,7 +406,8 @@ class GaussianDiffusion:
             out = self.vb_terms_bpd(model, x0, x_t, t, clip_denoised=clip_denoised)
             terms[:, i] = out["output"]
             mse[:, i] = mean_flat((out["pred_x0"] - x0) ** 2)
-            eps_mse[:, i] = mean_flat((out["pred_eps"] - noise) ** 2)
+            eps = self.predict_eps_from_x0(x_t, t, out["pred_x0"])
+            eps_mse[:, i] = mean_flat((eps - noise) ** 2)
         prior = self.prior_bpd(x0)
         total = terms.sum(dim=1) + prior
         return {"total": total, "prior": prior, "terms": terms, "mse": mse, "eps_mse": eps_mse}

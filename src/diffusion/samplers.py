@@ -130,11 +130,12 @@ def respace(diffusion: GaussianDiffusion, timesteps: Sequence[int]) -> tuple[Gau
     (LongTensor (S,)); wrap the model with ``RespacedModel(model, timestep_map)`` to sample it.
     """
     kept = resolve_timesteps(diffusion.num_timesteps, list(timesteps))
-    if diffusion.parameterization == "mean" and len(kept) < diffusion.num_timesteps:
+    if not diffusion.parameterization.respaceable and len(kept) < diffusion.num_timesteps:
+        name = diffusion.parameterization.name
         raise ValueError(
-            "a mean-predicting model (diffusion.parameterization=mean) outputs the one-step mean of the full "
-            "chain, which a respaced chain cannot use: sample all T steps (sampler.steps=null) or use DDIM "
-            "(sampler=ddim), which recovers x0 from that mean")
+            f"a model of diffusion.parameterization={name} outputs something of one step of the full chain (mean: "
+            "the one-step mean), which the longer steps of a respaced chain cannot use: sample all T steps "
+            "(sampler.steps=null) or use DDIM (sampler=ddim), which recovers x0 from it")
     if len(kept) < 2:
         # GaussianDiffusion needs tilde-beta_2 for its t=1 log-variance
         raise ValueError(f"a respaced ancestral chain needs at least 2 steps, got {len(kept)}; use the DDIM "
@@ -146,8 +147,7 @@ def respace(diffusion: GaussianDiffusion, timesteps: Sequence[int]) -> tuple[Gau
         betas.append(1.0 - abar[i] / abar_prev)
         abar_prev = abar[i]
     spaced = GaussianDiffusion(torch.stack(betas), variance=diffusion.variance,
-                               parameterization=diffusion.parameterization, objective=diffusion.objective,
-                               hybrid_weight=diffusion.hybrid_weight)
+                               parameterization=diffusion.parameterization, objective=diffusion.objective)
     return spaced, torch.tensor(kept, dtype=torch.long)
 
 

@@ -125,9 +125,8 @@ class DDPMModule(L.LightningModule):
             self.check_finite_loss()
         # not prog_bar: Lightning would copy it to the host every step (the bar reads it every N steps)
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=x0.shape[0])
-        if self.diffusion.objective == "hybrid":  # its two parts, to watch the variance being learned
-            self.log("train/mse", terms["mse"].mean(), on_step=True, on_epoch=True, batch_size=x0.shape[0])
-            self.log("train/vb", terms["vb"].mean(), on_step=True, on_epoch=True, batch_size=x0.shape[0])
+        for name in self.diffusion.objective.logged_terms:  # the parts of a composite loss (hybrid: mse, vb)
+            self.log(f"train/{name}", terms[name].mean(), on_step=True, on_epoch=True, batch_size=x0.shape[0])
         bins = (t * NUM_LOSS_BINS) // self.diffusion.num_timesteps
         for q, metric in enumerate(self.train_loss_bins):
             # weighted mean: no boolean indexing, so no host sync

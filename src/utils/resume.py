@@ -9,6 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from src.diffusion.legacy import canonical_diffusion_config
 from src.utils.checkpoint import LAST, find_checkpoint, newest_checkpoint, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,12 @@ def check_resume_checkpoint(path: str, run_config: dict[str, Any]) -> None:
                     "continued run is no longer the one the checkpoint would have made", path, _listing(allowed))
 
 
+def _canonical(section: str, value: Any) -> Any:
+    # checkpoints from before parameterizations and objectives were _target_ objects store their names: compare
+    # both sides in the new form
+    return canonical_diffusion_config(value) if section == "diffusion" else value
+
+
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:
     if isinstance(value, dict):
         out: dict[str, Any] = {}
@@ -135,7 +142,7 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
 def _differences(saved: dict, current: dict, sections: tuple[str, ...]) -> list[tuple[str, Any, Any]]:
     out = []
     for section in sections:
-        old, new = _flatten(saved.get(section), section), _flatten(current.get(section), section)
+        old, new = (_flatten(_canonical(section, config.get(section)), section) for config in (saved, current))
         for key in sorted(old.keys() | new.keys()):
             if old.get(key, "<unset>") != new.get(key, "<unset>"):
                 out.append((key, old.get(key, "<unset>"), new.get(key, "<unset>")))

@@ -312,7 +312,8 @@ def test_bits_per_dim_shapes_keys_determinism_and_indexing():
             ref = normal_kl(qm, qlv, p["mean"], p["log_variance"])
         assert torch.allclose(out["terms"][:, i], ref.flatten(1).mean(1) / LN2, rtol=1e-5, atol=1e-7), i
         assert torch.allclose(out["mse"][:, i], (p["pred_x0"] - x0).pow(2).flatten(1).mean(1), rtol=1e-5)
-        eps_err = (0.5 * x_t - noise[num - 1 - i]).pow(2).flatten(1).mean(1)
+        # eps recomputed from the clipped x0, as calc_bpd_loop (equal to the output 0.5 x_t where nothing clips)
+        eps_err = (d.predict_eps_from_x0(x_t, t, p["pred_x0"]) - noise[num - 1 - i]).pow(2).flatten(1).mean(1)
         assert torch.allclose(out["eps_mse"][:, i], eps_err, rtol=1e-5)
 
     # clip_denoised defaults to True: this model's x0 predictions leave [-1, 1] at large t
@@ -321,3 +322,35 @@ def test_bits_per_dim_shapes_keys_determinism_and_indexing():
     assert out["mse"].max().item() <= 4.0 + 1e-6
     # without a generator the global RNG is used
     assert d.bits_per_dim(model, x0)["total"].shape == (3,)
+
+
+def test_eps_mse_comes_from_the_clipped_x0_as_calc_bpd_loop():
+    """improved-diffusion's calc_bpd_loop takes eps = _predict_eps_from_xstart(x_t, t, pred_xstart), the x0 clipped
+    to [-1, 1]: for an eps-model whose x0 leaves [-1, 1] that differs from the network's own eps."""
+    num = 50
+    d = create_diffusion("linear", num, "fixed_large")
+    x0 = CENTRES[torch.randint(0, 256, (4, 1, 4, 4), generator=torch.Generator().manual_seed(0))].float()
+
+    def model(x, t):  # eps = -2: x0 = (x_t + 2 sqrt(1 - abar)) / sqrt(abar), far above 1 at large t
+        return torch.full_like(x, -2.0)
+
+    out = d.bits_per_dim(model, x0, generator=torch.Generator().manual_seed(1))
+    # column t used draw T-1-t (one stream: x0 has a multiple of 16 elements, where torch draws alike in bulk)
+    noise = torch.randn(num, *x0.shape, generator=torch.Generator().manual_seed(1))
+    clipped_somewhere = False
+    for i in range(num):
+        t = torch.full((4,), i, dtype=torch.long)
+        x_t = d.q_sample(x0, t, noise[num - 1 - i])
+        pred_x0 = d.predict_x0_from_eps(x_t, t, model(x_t, t))
+        clipped = pred_x0.clamp(-1, 1)
+        reference = mean_flat((d.predict_eps_from_x0(x_t, t, clipped) - noise[num - 1 - i]) ** 2)
+        own_eps = mean_flat((model(x_t, t) - noise[num - 1 - i]) ** 2)
+        assert torch.allclose(out["eps_mse"][:, i], reference, rtol=1e-5, atol=1e-6), i
+        if not torch.equal(clipped, pred_x0):
+            clipped_somewhere = True
+            assert not torch.allclose(out["eps_mse"][:, i], own_eps, rtol=1e-3), i
+    assert clipped_somewhere
+    # without clipping the two agree: eps from the unclipped x0 is the output again, up to rounding
+    unclipped = d.bits_per_dim(model, x0, generator=torch.Generator().manual_seed(1), clip_denoised=False)
+    own = torch.stack([mean_flat((-2.0 - noise[num - 1 - i]) ** 2) for i in range(num)], dim=1)
+    assert torch.allclose(unclipped["eps_mse"][:, 1:], own[:, 1:], rtol=1e-4)
