@@ -6,10 +6,10 @@ Tasks (configs/bench.yaml `tasks`), each timed in images/s:
   google/ddpm-cifar10-32 config, ``DDPMScheduler.add_noise`` and MSE on the noise (its train_unconditional
   example). denoising-diffusion-pytorch: ``Unet(dim=ch, dim_mults=ch_mult)`` with its own ``GaussianDiffusion``
   loss (objective pred_noise, linear betas). Same optimizer and EMA everywhere.
-- ``sample_ddpm``: the full ancestral chain of ``sample_steps`` steps (ours: ``GaussianDiffusion.sample`` of a
+- ``sample_ddpm``: the full ancestral chain of ``sample_steps`` steps (ours: the ``Ancestral`` sampler of a
   T=sample_steps diffusion; diffusers: the ``DDPMScheduler`` step loop as ``DDPMPipeline`` runs it;
   denoising-diffusion-pytorch: ``p_sample_loop``).
-- ``sample_ddim``: ``ddim_steps`` DDIM steps over T=num_timesteps (ours: ``ddim_sample``; diffusers:
+- ``sample_ddim``: ``ddim_steps`` DDIM steps over T=num_timesteps (ours: the ``DDIM`` sampler; diffusers:
   ``DDIMScheduler`` loop with eta=0; denoising-diffusion-pytorch: ``ddim_sample``).
 
 Settings: ``same_precision`` (both sides in ``precision``: fp32 on CPU, bf16 autocast on CUDA by default, and
@@ -52,9 +52,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from src.diffusion import create_diffusion, ddim_sample
+from src.diffusion import DDIM, Ancestral, create_diffusion
 from src.models.speed import build_optimizer, compile_backbone, use_channels_last
 from src.utils.device import has_fast_bf16, resolve_device
+from src.utils.sampling import sample_batch
 
 log = logging.getLogger(__name__)
 # denoising-diffusion-pytorch's sampling loops draw a tqdm bar per chain; tqdm reads this when first imported
@@ -230,15 +231,17 @@ def build_ours(cfg: DictConfig, sz: dict[str, int], device: torch.device, precis
     # the paper's beta endpoints whatever T (linear scales them by 1000/T, which breaks for a short chain)
     chain = create_diffusion("linear", sz["sample_steps"], schedule_kwargs={"beta_start": 1e-4, "beta_end": 0.02})
 
+    ancestral, ddim = Ancestral(), DDIM(steps=sz["ddim_steps"])
+
     def sample_ddpm() -> Tensor:
         model.eval()
         with inference(grad_mode), ctx():
-            return chain.sample(model, shape, device=device)
+            return sample_batch(ancestral, model, chain, shape, device=device)
 
     def sample_ddim() -> Tensor:
         model.eval()
         with inference(grad_mode), ctx():
-            return ddim_sample(diffusion, model, shape, steps=sz["ddim_steps"], device=device)
+            return sample_batch(ddim, model, diffusion, shape, device=device)
 
     side.runs["sample_ddpm"] = sample_ddpm
     side.runs["sample_ddim"] = sample_ddim

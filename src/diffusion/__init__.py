@@ -17,14 +17,14 @@ from src.diffusion.losses import (
     mean_flat,
     normal_kl,
 )
-from src.diffusion.samplers import SAMPLERS, ddim_sample, ddpm_sample, respace, space_timesteps
+from src.diffusion.samplers import DDIM, Ancestral, Sampler, ddim_sample, ddpm_sample, respace, space_timesteps
 from src.diffusion.schedules import SCHEDULES, make_beta_schedule
 
 __all__ = ["GaussianDiffusion", "make_beta_schedule", "create_diffusion", "randn", "SCHEDULES", "VARIANCES",
            "PARAMETERIZATIONS", "OBJECTIVES", "LEARNED_VARIANCES",
            "normal_kl", "approx_standard_normal_cdf", "discretized_gaussian_log_likelihood", "mean_flat",
            "ClassifierFreeGuidance", "ConditionalModel",
-           "SAMPLERS", "ddpm_sample", "ddim_sample", "respace", "space_timesteps"]
+           "Sampler", "Ancestral", "DDIM", "ddpm_sample", "ddim_sample", "respace", "space_timesteps"]
 
 
 def _check_num_timesteps(value) -> int:
