@@ -9,6 +9,7 @@ import csv
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 import hydra
@@ -22,6 +23,7 @@ from src.utils.device import resolve_device
 from src.utils.files import atomic_write_text
 from src.utils.images import to_uint8
 from src.utils.progress import track
+from src.utils.sampling import build_sampler, check_sampler, draw, read_samples
 from src.utils.validate import positive_int
 
 log = logging.getLogger(__name__)
@@ -137,24 +139,15 @@ def _plot_terms(rows: list[dict[str, float]], path: Path) -> None:
 
 def get_samples(module, cfg: DictConfig, device: torch.device) -> tuple[torch.Tensor, float]:
     """Samples in [-1, 1] (N, *data_shape): read from ``samples_path`` (an npz of src.sample) or drawn now."""
-    import time
-
-    from src.sample import draw, make_sampler
-
     if cfg.get("samples_path"):
-        arr = torch.from_numpy(np.load(cfg.samples_path)["samples"])
-        if arr.dtype == torch.uint8:  # images N x H x W x C on the 8-bit grid
-            arr = arr.permute(0, 3, 1, 2).float() / 127.5 - 1
-        return arr.float(), 0.0
-    sampler = make_sampler(cfg.sampler, module.diffusion.num_timesteps)
+        return read_samples(cfg.samples_path), 0.0
+    sampler = build_sampler(cfg.sampler)
+    check_sampler(sampler, module.diffusion)
     generator = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
     start = time.perf_counter()
     samples = draw(module, sampler, int(cfg.num_samples), int(cfg.sample_batch_size), generator, device,
                    progress=bool(cfg.progress), precision=str(cfg.get("precision", "fp32")))
-    seconds = time.perf_counter() - start
-    if module.clip_denoised:
-        samples = samples.clamp(-1, 1)
-    return samples, seconds
+    return samples, time.perf_counter() - start
 
 
 def evaluate_sample_quality(module, cfg: DictConfig, device: torch.device) -> dict[str, float]:

@@ -215,24 +215,26 @@ def test_module_sample_uses_labels_and_guidance():
 
 # ------------------------------------------------------------------------------------------ grid layout
 class LabelImages:
-    """Stands in for a DDPMModule: each sample is a constant image whose value encodes its class."""
+    """Stands in for a sampler: each sample is a constant image whose value encodes the class it was asked for."""
 
     def __init__(self, num_classes: int) -> None:
-        self.net = SimpleNamespace(num_classes=num_classes)
+        self.num_classes = num_classes
         self.calls = []
 
-    def sample(self, n, generator=None, class_labels=None, guidance_scale=1.0):
-        self.calls.append((n, guidance_scale))
-        value = -1 + 2 * class_labels.float() / (self.net.num_classes - 1)
-        return value[:, None, None, None].expand(n, 1, 8, 8).clone()
+    def __call__(self, model, diffusion, x_T, generator=None, progress=False, clip_denoised=True):
+        self.calls.append((x_T.shape[0], model.guidance_scale))
+        value = -1 + 2 * model.labels.float() / (self.num_classes - 1)
+        return value[:, None, None, None].expand_as(x_T).clone()
 
 
 def test_sample_grid_has_one_row_per_class(tmp_path):
-    grid_cb = SampleGrid(num_samples=13, dirpath=str(tmp_path), guidance_scale=3.0)
-    module = LabelImages(num_classes=5)
+    sampler = LabelImages(num_classes=5)
+    grid_cb = SampleGrid(num_samples=13, dirpath=str(tmp_path), guidance_scale=3.0, sampler=sampler)
+    module = SimpleNamespace(net=SimpleNamespace(num_classes=5), diffusion=None, data_shape=(1, 8, 8),
+                             clip_denoised=True, device=torch.device("cpu"))
     trainer = SimpleNamespace(global_step=7, loggers=[], datamodule=None, default_root_dir=str(tmp_path))
     grid_cb._write(trainer, module, "g")
-    assert module.calls == [(15, 3.0)]  # 13 rounded to 3 per class
+    assert sampler.calls == [(15, 3.0)]  # 13 rounded to 3 per class
     image = np.array(Image.open(tmp_path / "g.png"))[::4, ::4]  # the grid is enlarged 4x (32 px tiles)
     assert image.shape[:2] == (1 + 5 * 9, 1 + 3 * 9)  # 5 rows x 3 columns of 8x8 tiles, padding 1
     for row in range(5):

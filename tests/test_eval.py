@@ -112,7 +112,7 @@ def test_digits_classifier_fd_through_the_entry_point(digits_checkpoint, tmp_pat
                              env={"DDPM_CACHE_DIR": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "metrics.json").read_text())
-    assert summary["num_samples"] == 24 and summary["sampler"]["name"] == "ddim"
+    assert summary["num_samples"] == 24 and summary["sampler"]["_target_"] == "src.diffusion.samplers.DDIM"
     # a 4-step-trained model is far from the data; real digits at the same N are much closer
     assert summary["fd_digits_classifier"] > summary["fd_digits_classifier_real_floor"] > 0
     assert (tmp_path / "cache" / "digits_classifier_v1.pt").is_file()

@@ -35,16 +35,18 @@ def test_small_image_grids_are_enlarged_with_square_pixels():
 def test_sample_grid_callback_writes_and_logs_the_enlarged_grid(tmp_path, monkeypatch):
     logged = []
     monkeypatch.setattr("src.callbacks.sample_grid.log_image", lambda loggers, key, image, step: logged.append(image))
-    module = SimpleNamespace(net=SimpleNamespace(), sample=lambda n, generator=None: torch.rand(n, 1, 8, 8) * 2 - 1)
+    module = SimpleNamespace(net=SimpleNamespace(), diffusion=None, data_shape=(1, 8, 8), clip_denoised=True,
+                             device=torch.device("cpu"))
     trainer = SimpleNamespace(global_step=3, loggers=[], datamodule=None, default_root_dir=str(tmp_path))
-    SampleGrid(num_samples=4, dirpath=str(tmp_path))._write(trainer, module, "g")
+    noise = lambda model, diffusion, x_T, **kwargs: torch.rand_like(x_T) * 2 - 1  # noqa: E731
+    SampleGrid(num_samples=4, dirpath=str(tmp_path), sampler=noise)._write(trainer, module, "g")
     png = np.array(Image.open(tmp_path / "g.png"))
     assert png.shape[:2] == (4 * 19, 4 * 19)  # 2x2 tiles of 8x8, padding 1, enlarged 4x
     assert len(logged) == 1 and np.array_equal(logged[0].permute(1, 2, 0).numpy(), png)
 
 
 def test_write_samples_enlarges_grid_png_but_not_the_per_sample_pngs(tmp_path):
-    from src.sample import write_samples
+    from src.utils.sampling import write_samples
 
     samples = torch.rand(5, 1, 8, 8) * 2 - 1
     write_samples(samples, tmp_path, SimpleNamespace())

@@ -7,12 +7,12 @@ import functools
 import pytest
 import torch
 
-from src.diffusion import create_diffusion, ddim_sample
+from src.diffusion import DDIM, create_diffusion
 from src.models.ddpm_module import DDPMModule
 from src.models.unet import UNet
-from src.sample import draw
 from src.utils.device import has_fast_bf16
 from src.utils.precision import network_precision, resolve_precision
+from src.utils.sampling import draw
 
 
 def test_names_and_auto():
@@ -38,7 +38,7 @@ def test_bf16_samples_are_float32_and_close_to_fp32(one_thread):
     for p in net.parameters():  # away from the near-zero output init, so the network matters
         p.data.add_(0.05 * torch.randn_like(p))
     module = DDPMModule(net, create_diffusion("linear", 100), functools.partial(torch.optim.Adam), data_shape=(1, 8, 8))
-    sampler = functools.partial(ddim_sample, steps=10)
+    sampler = DDIM(steps=10)
     out = {}
     for precision in ("fp32", "bf16"):
         g = torch.Generator().manual_seed(3)

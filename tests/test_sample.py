@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from hydra.errors import MissingConfigException
-from omegaconf import OmegaConf
+from hydra.errors import InstantiationException, MissingConfigException
 from PIL import Image
 
-from src.sample import sample, write_samples
-from tests.conftest import TINY, compose_config, run_entry_point, write_untrained_checkpoint
+from src.diffusion.samplers import DDIM, Ancestral, Sampler, space_timesteps
+from src.sample import sample
+from src.utils.sampling import write_samples
+from tests.conftest import ROOT, TINY, compose_config, run_entry_point, write_untrained_checkpoint
 
 # One intra-op thread everywhere: on a small shared CPU, 2+ OpenMP threads per process spin against other
 # work and make the tiny U-Net several times slower; it also keeps CPU results identical across processes.
@@ -85,7 +87,6 @@ def test_bad_checkpoint_path_fails_clearly(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["sampler.name=euler"], "unknown sampler 'euler'"),
     (["sampler.steps=51"], r"sampler.steps=51 does not fit this checkpoint \(T=50\)"),
     (["sampler=ddim", "sampler.steps=0"], "out of range"),
     (["sampler.steps=1"], "needs at least 2"),
@@ -102,13 +103,20 @@ def test_unknown_sampler_group_is_a_config_error(tmp_path):
         compose_config(["ckpt_path=x", "sampler=euler"], tmp_path, config_name="sample")
 
 
+def test_unknown_sampler_class_fails_before_the_checkpoint_is_read(tmp_path):
+    with pytest.raises(InstantiationException, match="src.diffusion.samplers.Euler"):
+        sample_in_process(tmp_path / "absent.ckpt", tmp_path / "out", "sampler._target_=src.diffusion.samplers.Euler")
+    with pytest.raises(ValueError, match=r"is not a sampler: sampler._target_ must name a sampler class"):
+        sample_in_process(tmp_path / "absent.ckpt", tmp_path / "out", "~sampler._target_")
+
+
 def test_sample_config_defaults(tmp_path):
     cfg = compose_config(["ckpt_path=x"], tmp_path, config_name="sample")
-    assert cfg.sampler.name == "ddpm" and cfg.sampler.steps is None
+    assert cfg.sampler._target_ == "src.diffusion.samplers.Ancestral" and cfg.sampler.steps is None
     assert (cfg.task_name, cfg.num_samples, cfg.batch_size, cfg.seed, cfg.weights, cfg.device) == (
         "sample", 64, 64, 0, "ema", "auto")
     ddim = compose_config(["ckpt_path=x", "sampler=ddim"], tmp_path, config_name="sample")
-    assert (ddim.sampler.name, ddim.sampler.steps, ddim.sampler.eta) == ("ddim", 50, 0.0)
+    assert (ddim.sampler._target_, ddim.sampler.steps, ddim.sampler.eta) == ("src.diffusion.samplers.DDIM", 50, 0.0)
 
 
 def test_points_are_written_as_float_npz_and_a_scatter_plot(tmp_path):
@@ -163,14 +171,13 @@ def test_compile_at_load_follows_the_run_unless_overridden(ckpt, tmp_path, monke
 
 def test_draw_reports_samples_not_every_step_in_a_log_file(capfd, caplog, monkeypatch):
     from src.diffusion import GaussianDiffusion, make_beta_schedule
-    from src.sample import draw, make_sampler
+    from src.utils.sampling import draw
 
     monkeypatch.delenv("DDPM_PROGRESS", raising=False)
     caplog.set_level(logging.INFO, logger="src.utils.progress")
     module = SimpleNamespace(data_shape=(2,), net=lambda x, t: 0.1 * x,
                              diffusion=GaussianDiffusion(make_beta_schedule("linear", 40)), clip_denoised=False)
-    sampler = make_sampler(OmegaConf.create({"name": "ddpm", "steps": None}), 40)
-    out = draw(module, sampler, 5, 2, torch.Generator().manual_seed(0), torch.device("cpu"), progress=True)
+    out = draw(module, Ancestral(), 5, 2, torch.Generator().manual_seed(0), torch.device("cpu"), progress=True)
     assert out.shape == (5, 2)
     captured = capfd.readouterr()
     assert "\r" not in captured.out + captured.err and "\x1b[" not in captured.out + captured.err
@@ -205,3 +212,73 @@ def test_run_folder_or_its_checkpoints_folder_as_ckpt_path(tmp_path, one_thread)
 def test_counts_are_checked_before_the_checkpoint_is_read(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         sample_in_process(tmp_path / "absent.ckpt", tmp_path / "out", override)
+
+
+# ------------------------------------------------------------------ a sampler added in a test file alone
+class EulerODE(Sampler):
+    """Euler steps of the probability-flow ODE in DDIM's coordinates, d(x / sqrt(abar)) = eps d sqrt((1 - abar) /
+    abar) (Song et al. 2021, eq. 14), over the steps DDIM's stride keeps: DDIM with eta = 0, written differently."""
+
+    def __init__(self, steps: int = 10):
+        self.steps = steps
+
+    def check(self, diffusion) -> None:
+        if not 1 <= self.steps <= diffusion.num_timesteps:
+            raise ValueError(f"sampler.steps={self.steps} must be in 1..{diffusion.num_timesteps}")
+
+    def __call__(self, model, diffusion, x_T, generator=None, progress=False, clip_denoised=True):
+        self.check(diffusion)
+        abar = diffusion.alphas_cumprod
+        order = list(reversed(space_timesteps(diffusion.num_timesteps, f"ddim{self.steps}")))
+        x = x_T
+        for n, i in enumerate(order):
+            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+            out = diffusion.p_mean_variance(model, x, t, clip_denoised=clip_denoised)
+            eps = diffusion.predict_eps_from_x0(x, t, out["pred_x0"]) if clip_denoised else out["pred_eps"]
+            a, a_prev = abar[i].item(), abar[order[n + 1]].item() if n + 1 < len(order) else 1.0
+            sigma, sigma_prev = ((1 - a) / a) ** 0.5, ((1 - a_prev) / a_prev) ** 0.5
+            x = (x / a**0.5 + (sigma_prev - sigma) * eps) * a_prev**0.5
+        return x
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_the_euler_sampler_of_this_file_is_ddim_with_eta_0(clip):
+    from src.diffusion import create_diffusion
+    from tests.diffusion.test_samplers import linear_model
+
+    d = create_diffusion("linear", 100)
+    model = linear_model((6, 4), 100)
+    x_T = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    euler = EulerODE(steps=10)(model, d, x_T, clip_denoised=clip)
+    ddim = DDIM(steps=10, eta=0.0)(model, d, x_T, clip_denoised=clip)
+    assert euler.abs().max() > 0.1
+    torch.testing.assert_close(euler, ddim, rtol=1e-4, atol=1e-4)
+
+
+def test_a_sampler_class_outside_src_is_selected_by_target(tmp_path, one_thread):
+    """`sampler._target_=<any importable class>`: nothing in src/ knows this file's sampler."""
+    last = write_untrained_checkpoint(tmp_path / "run")
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    g = torch.Generator().manual_seed(0)
+    for value in state["state_dict"].values():  # away from the near-zero output init, so the network matters
+        if value.is_floating_point():
+            value.add_(0.05 * torch.randn(value.shape, generator=g))
+    torch.save(state, last)
+    # one batch: DDIM draws a noise tensor per step whatever eta, Euler none, so later batches' x_T would differ
+    quick = ["device=cpu", "precision=fp32", "batch_size=5"]
+    npz = sample_in_process(last, tmp_path / "euler", f"sampler._target_={EulerODE.__module__}.EulerODE",
+                            "sampler.steps=5", *quick)
+    with np.load(npz) as f:
+        euler = f["samples"].astype(int)
+    with np.load(sample_in_process(last, tmp_path / "ddim", "sampler=ddim", "sampler.steps=5", *quick)) as f:
+        ddim = f["samples"].astype(int)
+    assert euler.shape == (5, 8, 8, 1) and euler.std() > 0
+    assert np.abs(euler - ddim).max() <= 1  # the same samples up to rounding at a level's edge
+    with pytest.raises(ValueError, match="sampler.steps=51 must be in 1..50"):
+        sample_in_process(last, tmp_path / "bad", f"sampler._target_={EulerODE.__module__}.EulerODE",
+                          "sampler.steps=51", *quick)
+
+
+def test_no_module_in_src_imports_an_entry_point():
+    pattern = re.compile(r"^\s*(from src\.(sample|eval|train) import|import src\.(sample|eval|train)\b)", re.M)
+    assert [str(p.relative_to(ROOT)) for p in (ROOT / "src").rglob("*.py") if pattern.search(p.read_text())] == []

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
+from src.diffusion.samplers import Ancestral, Sampler
 from src.metrics.fidelity import (
     NOT_IMAGES,
     ImageDataset,
@@ -21,6 +22,7 @@ from src.metrics.fidelity import (
     warn_if_unofficial,
 )
 from src.utils.images import to_uint8
+from src.utils.sampling import check_sampler, draw_batches
 
 CONFIG_KEY = "callbacks.fid.weights_path"
 
@@ -43,11 +45,12 @@ class FIDCallback(L.Callback):
         feature: Inception layer width, one of 64, 192, 768, 2048 (2048 is the standard FID).
         seed: the same sampling noise every evaluation, so scores move with the model only.
         log_key: name of the logged value.
+        sampler: a sampler object (configs/sampler/*.yaml); None: ancestral sampling over all T steps.
     """
 
     def __init__(self, every_n_epochs: int = 10, num_samples: int = 5000, batch_size: int = 250,
                  weights_path: str | None = None, feature: int = 2048, seed: int = 0,
-                 log_key: str = "val/fid"):
+                 log_key: str = "val/fid", sampler: Sampler | None = None):
         if every_n_epochs < 1 or num_samples < 2 or batch_size < 1:
             raise ValueError("callbacks.fid: every_n_epochs and batch_size must be >= 1 and num_samples "
                              f">= 2, got {every_n_epochs}, {batch_size} and {num_samples}")
@@ -60,6 +63,7 @@ class FIDCallback(L.Callback):
         self.feature = feature
         self.seed = seed
         self.log_key = log_key
+        self.sampler = sampler if sampler is not None else Ancestral()
         self.metric: Any = None
         self.real_feature_passes = 0
         self.last_fid: float | None = None
@@ -70,6 +74,7 @@ class FIDCallback(L.Callback):
         shape = getattr(pl_module, "data_shape", None)
         if shape is None or len(shape) != 3 or shape[0] not in (1, 3):
             raise ValueError("callbacks.fid: " + NOT_IMAGES.format(shape=("N", *(shape or ()))))
+        check_sampler(self.sampler, pl_module.diffusion)
         if self.metric is None:
             # fails here, before any training, when the weights are missing
             weights = inception_weights_file(self.weights_path, key=CONFIG_KEY)
@@ -97,8 +102,7 @@ class FIDCallback(L.Callback):
             self._update_real(trainer, pl_module.device)
         per_rank = math.ceil(self.num_samples / trainer.world_size)
         generator = torch.Generator(device="cpu").manual_seed(self.seed + trainer.global_rank)
-        for start in range(0, per_rank, self.batch_size):
-            x = pl_module.sample(min(self.batch_size, per_rank - start), generator=generator)
+        for x in draw_batches(pl_module, self.sampler, per_rank, self.batch_size, generator, pl_module.device):
             metric.update(rgb(to_uint8(x)), real=False)
         value = float(metric.compute())
         metric.reset()  # drops the fake statistics only (reset_real_features=False)

@@ -8,11 +8,14 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from src.diffusion.samplers import Ancestral, Sampler
 from src.utils.images import image_grid, log_image, save_png, scatter_image
+from src.utils.sampling import check_sampler, draw
 
 
 class SampleGrid(L.Callback):
-    """Sample with Algorithm 2 every ``every_n_epochs`` epochs and once when fitting ends.
+    """Sample (Algorithm 2 unless ``sampler`` says otherwise) every ``every_n_epochs`` epochs and once when
+    fitting ends.
 
     Sampling happens at the end of a validation epoch, while a weight-averaging (EMA) callback has the
     averaged weights swapped in; ``src.train`` places this callback before the EMA callback so that this
@@ -27,10 +30,11 @@ class SampleGrid(L.Callback):
         guidance_scale: class-conditional models only: classifier-free guidance scale s (1: plain conditional,
             0: unconditional). Their grids have one row per class (row k = class k), with ``num_samples``
             rounded to a multiple of the number of classes (at least one sample per class).
+        sampler: a sampler object (configs/sampler/*.yaml); None: ancestral sampling over all T steps.
     """
 
     def __init__(self, num_samples: int = 64, every_n_epochs: int = 1, seed: int = 0, dirpath: str | None = None,
-                 guidance_scale: float = 1.0):
+                 guidance_scale: float = 1.0, sampler: Sampler | None = None):
         if num_samples < 1 or every_n_epochs < 1:
             raise ValueError("callbacks.sample_grid.num_samples and every_n_epochs must be >= 1")
         if not float(guidance_scale) >= 0:
@@ -41,7 +45,11 @@ class SampleGrid(L.Callback):
         self.every_n_epochs = every_n_epochs
         self.seed = seed
         self.dirpath = dirpath
+        self.sampler = sampler if sampler is not None else Ancestral()
         self.last_path: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        check_sampler(self.sampler, pl_module.diffusion)  # a sampler that does not fit fails before training
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
@@ -55,18 +63,18 @@ class SampleGrid(L.Callback):
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         num_classes = getattr(pl_module.net, "num_classes", None)
-        per_row = None
-        if num_classes is None:
-            samples = pl_module.sample(self.num_samples, generator=generator).cpu()
-        else:
+        per_row = labels = None
+        n, guidance_scale = self.num_samples, 1.0  # guidance_scale is for conditional nets only
+        if num_classes is not None:
             per_row = max(1, round(self.num_samples / num_classes))
             labels = torch.arange(num_classes).repeat_interleave(per_row)  # row k of the grid: class k
-            samples = pl_module.sample(len(labels), generator=generator, class_labels=labels,
-                                       guidance_scale=self.guidance_scale).cpu()
+            n, guidance_scale = len(labels), self.guidance_scale
+        samples = draw(pl_module, self.sampler, n, n, generator, pl_module.device, labels=labels,
+                       guidance_scale=guidance_scale)
         if samples.dim() == 2:
             datamodule = trainer.datamodule
             reference = None
-            if hasattr(datamodule, "sample_reference"):
+            if getattr(datamodule, "has_reference_distribution", False):  # loaders passed to fit: no datamodule
                 reference = datamodule.sample_reference(max(self.num_samples, 1000), seed=self.seed)
             image = scatter_image(samples, reference, title=f"step {trainer.global_step}")
         else:

@@ -13,7 +13,7 @@ from src.diffusion.losses import (
 )
 from src.diffusion.objectives import Hybrid, Objective, Simple, Vlb, check_hybrid_weight
 from src.diffusion.parameterizations import X0, Eps, Mean, Parameterization, V
-from src.diffusion.samplers import SAMPLERS, ddim_sample, ddpm_sample, respace, space_timesteps
+from src.diffusion.samplers import DDIM, Ancestral, Sampler, ddim_sample, ddpm_sample, respace, space_timesteps
 from src.diffusion.schedules import SCHEDULES, make_beta_schedule
 
 __all__ = ["GaussianDiffusion", "make_beta_schedule", "create_diffusion", "randn", "SCHEDULES", "VARIANCES",
@@ -21,7 +21,7 @@ __all__ = ["GaussianDiffusion", "make_beta_schedule", "create_diffusion", "randn
            "Parameterization", "Eps", "X0", "Mean", "V", "Objective", "Simple", "Vlb", "Hybrid",
            "normal_kl", "approx_standard_normal_cdf", "discretized_gaussian_log_likelihood", "mean_flat",
            "ClassifierFreeGuidance", "ConditionalModel",
-           "SAMPLERS", "ddpm_sample", "ddim_sample", "respace", "space_timesteps"]
+           "Sampler", "Ancestral", "DDIM", "ddpm_sample", "ddim_sample", "respace", "space_timesteps"]
 
 
 def _check_num_timesteps(value) -> int:

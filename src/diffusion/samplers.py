@@ -1,5 +1,10 @@
 """Samplers for a trained epsilon-model: ancestral DDPM (full or respaced chains) and DDIM. Plain PyTorch.
 
+The functions ``ddpm_sample`` / ``ddim_sample`` do the work; the classes ``Ancestral`` and ``DDIM`` are what
+configs/sampler/*.yaml select by ``_target_``. Every sampler object is called the same way,
+``sampler(model, diffusion, x_T, generator=None, progress=False, clip_denoised=True) -> x_0``, with x_T the
+starting noise (its shape, device and dtype are the caller's) and ``generator`` driving every later draw.
+
 Conventions (as in ``gaussian_diffusion``):
 - timesteps are 0-based code indices in [0, T-1]; paper timestep = index + 1, index 0 is the decoder step;
 - models are called as ``model(x_t, t)`` with ``t`` a LongTensor (B,) of *original* indices and return
@@ -12,6 +17,7 @@ References: respacing follows improved DDPM (Nichol & Dhariwal 2021, respace.py)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -20,7 +26,7 @@ from src.diffusion.gaussian_diffusion import GaussianDiffusion, Model, _model_de
 from src.utils.progress import track
 
 __all__ = ["space_timesteps", "respace", "RespacedModel", "ddpm_sample", "ddim_sample", "resolve_timesteps",
-           "SAMPLERS"]
+           "Sampler", "Ancestral", "DDIM"]
 
 
 def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int]) -> list[int]:
@@ -120,6 +126,17 @@ class RespacedModel:
         return self.model(x_t, self._maps[t.device][t])
 
 
+def _check_respaceable(diffusion: GaussianDiffusion, kept: Sequence[int]) -> None:
+    """A parameterization tied to one step of the full chain (the mean-predicting model outputs the one-step
+    mean) cannot be sampled with longer steps."""
+    if not diffusion.parameterization.respaceable and len(kept) < diffusion.num_timesteps:
+        name = diffusion.parameterization.name
+        raise ValueError(
+            f"a mean-predicting model (diffusion.parameterization={name}) outputs something of one step of the full "
+            "chain (mean: the one-step mean), which a respaced chain cannot use: sample all T steps "
+            "(sampler.steps=null) or use DDIM (sampler=ddim), which recovers x0 from it")
+
+
 def respace(diffusion: GaussianDiffusion, timesteps: Sequence[int]) -> tuple[GaussianDiffusion, Tensor]:
     """The process that keeps only ``timesteps`` (0-based original indices) of ``diffusion``.
 
@@ -130,12 +147,7 @@ def respace(diffusion: GaussianDiffusion, timesteps: Sequence[int]) -> tuple[Gau
     (LongTensor (S,)); wrap the model with ``RespacedModel(model, timestep_map)`` to sample it.
     """
     kept = resolve_timesteps(diffusion.num_timesteps, list(timesteps))
-    if not diffusion.parameterization.respaceable and len(kept) < diffusion.num_timesteps:
-        name = diffusion.parameterization.name
-        raise ValueError(
-            f"a model of diffusion.parameterization={name} outputs something of one step of the full chain (mean: "
-            "the one-step mean), which the longer steps of a respaced chain cannot use: sample all T steps "
-            "(sampler.steps=null) or use DDIM (sampler=ddim), which recovers x0 from it")
+    _check_respaceable(diffusion, kept)
     if len(kept) < 2:
         # GaussianDiffusion needs tilde-beta_2 for its t=1 log-variance
         raise ValueError(f"a respaced ancestral chain needs at least 2 steps, got {len(kept)}; use the DDIM "
@@ -234,5 +246,85 @@ def ddim_sample(diffusion: GaussianDiffusion, model: Model, shape: tuple[int, ..
     return x
 
 
-# Sampler names used by `src.sample` (configs/sampler/<name>.yaml).
-SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample}
+
+# ------------------------------------------------------------------ sampler objects (configs/sampler/*.yaml)
+def _config_steps(steps: int | str | Sequence[int] | None) -> int | str | None:
+    """``steps`` as the config means it: a list is section counts, like the string ``"10,15,20"``."""
+    if isinstance(steps, Sequence) and not isinstance(steps, str):  # also an OmegaConf ListConfig
+        return ",".join(str(int(c)) for c in steps)
+    return steps
+
+
+def _kept_steps(steps: int | str | None, num_timesteps: int) -> list[int]:
+    try:
+        return resolve_timesteps(num_timesteps, steps)
+    except ValueError as err:
+        raise ValueError(f"sampler.steps={steps!r} does not fit this checkpoint (T={num_timesteps}): "
+                         f"{err}") from err
+
+
+class Sampler:
+    """A sampler: ``sampler(model, diffusion, x_T, generator=None, progress=False, clip_denoised=True) -> x_0``.
+
+    ``model(x_t, t)`` is called with 0-based t as everywhere else; ``x_T`` (B, ...) is the starting noise and
+    ``generator`` drives every later noise draw. ``check`` raises a ValueError naming the config key when the
+    settings do not fit ``diffusion``; entry points call it right after loading a checkpoint.
+    """
+
+    def check(self, diffusion: GaussianDiffusion) -> None:
+        """Refuse settings that do not fit ``diffusion`` (nothing to check here)."""
+
+    def __call__(self, model: Model, diffusion: GaussianDiffusion, x_T: Tensor,
+                 generator: torch.Generator | None = None, progress: bool = False,
+                 clip_denoised: bool = True) -> Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class Ancestral(Sampler):
+    """Ancestral sampling (Algorithm 2) over all T steps (``steps=None``) or the respaced chain of ``steps``
+    (an int count or a section string such as ``"10,15,20"`` / ``"ddim25"``; a list is section counts)."""
+
+    steps: int | str | Sequence[int] | None = None
+
+    def __post_init__(self) -> None:
+        self.steps = _config_steps(self.steps)
+
+    def check(self, diffusion: GaussianDiffusion) -> None:
+        kept = _kept_steps(self.steps, diffusion.num_timesteps)
+        if len(kept) < 2:
+            raise ValueError(f"sampler.steps={self.steps!r} keeps {len(kept)} step; ancestral sampling needs at "
+                             "least 2 (use sampler=ddim for a single step)")
+        _check_respaceable(diffusion, kept)
+
+    def __call__(self, model: Model, diffusion: GaussianDiffusion, x_T: Tensor,
+                 generator: torch.Generator | None = None, progress: bool = False,
+                 clip_denoised: bool = True) -> Tensor:
+        self.check(diffusion)
+        return ddpm_sample(diffusion, model, tuple(x_T.shape), steps=self.steps, generator=generator,
+                           progress=progress, clip_denoised=clip_denoised, device=x_T.device, x_T=x_T)
+
+
+@dataclass
+class DDIM(Sampler):
+    """DDIM (Song et al. 2021, eq. 12) over ``steps`` of the T steps (see ``ddim_sample``); ``eta`` >= 0 scales
+    the noise (0: deterministic given x_T, 1 over all T steps: ancestral sampling with fixed_small)."""
+
+    steps: int | str | Sequence[int] | None = 50
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.steps = _config_steps(self.steps)
+        self.eta = float(self.eta)
+
+    def check(self, diffusion: GaussianDiffusion) -> None:
+        _kept_steps(self.steps, diffusion.num_timesteps)
+        if not self.eta >= 0:
+            raise ValueError(f"sampler.eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {self.eta}")
+
+    def __call__(self, model: Model, diffusion: GaussianDiffusion, x_T: Tensor,
+                 generator: torch.Generator | None = None, progress: bool = False,
+                 clip_denoised: bool = True) -> Tensor:
+        self.check(diffusion)
+        return ddim_sample(diffusion, model, tuple(x_T.shape), steps=self.steps, eta=self.eta, generator=generator,
+                           progress=progress, clip_denoised=clip_denoised, device=x_T.device, x_T=x_T)

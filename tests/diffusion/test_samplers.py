@@ -5,9 +5,14 @@ import math
 
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from src.diffusion import GaussianDiffusion, create_diffusion, make_beta_schedule
+from src.diffusion.gaussian_diffusion import randn
 from src.diffusion.samplers import (
+    DDIM,
+    Ancestral,
     RespacedModel,
     ddim_sample,
     ddpm_sample,
@@ -15,6 +20,7 @@ from src.diffusion.samplers import (
     respace,
     space_timesteps,
 )
+from tests.conftest import CONFIG_DIR
 from tests.oracles import gaussian_eps_oracle
 
 
@@ -248,3 +254,67 @@ def test_sampling_progress_is_log_lines_when_stderr_is_not_a_terminal(sampler, c
     steps = 40 if sampler == "ddpm" else 10
     assert lines and "done in" in lines[-1] and f"{steps}/{steps}" in lines[-1] and "steps/s" in lines[-1]
     assert len(lines) <= 11  # at most one per tenth (or 30 s) and the final one, not one per step
+
+
+# ------------------------------------------------------------------ sampler objects (configs/sampler/*.yaml)
+def test_sampler_configs_instantiate_the_classes():
+    ddpm = instantiate(OmegaConf.load(f"{CONFIG_DIR}/sampler/ddpm.yaml"))
+    ddim = instantiate(OmegaConf.load(f"{CONFIG_DIR}/sampler/ddim.yaml"))
+    assert ddpm == Ancestral(steps=None) and ddim == DDIM(steps=50, eta=0.0)
+    # a list means section counts, as the string does
+    assert instantiate(OmegaConf.create({"_target_": "src.diffusion.samplers.Ancestral", "steps": [3, 4]})).steps \
+        == "3,4"
+    assert repr(ddim) == "DDIM(steps=50, eta=0.0)"  # what src.sample logs
+
+
+@pytest.mark.parametrize(("sampler", "function", "kwargs"), [
+    (Ancestral(), ddpm_sample, {}),
+    (Ancestral(steps="10"), ddpm_sample, {"steps": "10"}),
+    (Ancestral(steps=[3, 4]), ddpm_sample, {"steps": "3,4"}),
+    (DDIM(steps=7), ddim_sample, {"steps": 7}),
+    (DDIM(steps="10,5", eta=0.5), ddim_sample, {"steps": "10,5", "eta": 0.5}),
+], ids=["ancestral", "respaced", "sections", "ddim", "ddim-eta"])
+@pytest.mark.parametrize("clip", [True, False])
+def test_sampler_objects_are_bit_identical_to_the_functions(sampler, function, kwargs, clip):
+    """x_T drawn from the generator by the caller, then the object: the same stream as the function drawing x_T."""
+    T, shape = 40, (4, 2, 3)
+    d = create_diffusion("linear", T, "fixed_small")
+    model = linear_model(shape, T, seed=2)
+    g = torch.Generator().manual_seed(11)
+    new = sampler(model, d, randn(shape, generator=g), generator=g, clip_denoised=clip)
+    old = function(d, model, shape, generator=torch.Generator().manual_seed(11), clip_denoised=clip, **kwargs)
+    assert new.abs().max() > 0.1 and torch.equal(new, old)
+
+
+def test_sampler_objects_follow_x_T_in_shape_device_and_dtype():
+    d = create_diffusion("linear", 40)
+    model = lambda x, t: 0.1 * x  # noqa: E731
+    x_T = torch.randn(3, 5, dtype=torch.float64)
+    for sampler in (Ancestral(steps=4), DDIM(steps=4, eta=1.0)):
+        out = sampler(model, d, x_T, generator=torch.Generator().manual_seed(0))
+        assert out.shape == (3, 5) and out.dtype == torch.float64 and out.device == x_T.device
+
+
+@pytest.mark.parametrize(("sampler", "message"), [
+    (Ancestral(steps=41), r"sampler.steps=41 does not fit this checkpoint \(T=40\): steps=41 is out of range"),
+    (Ancestral(steps="ddim9"), r"sampler.steps='ddim9' does not fit this checkpoint \(T=40\)"),
+    (Ancestral(steps=1), "sampler.steps=1 keeps 1 step; ancestral sampling needs at least 2 "
+                         r"\(use sampler=ddim for a single step\)"),
+    (DDIM(steps=0), "sampler.steps=0 does not fit this checkpoint .*out of range"),
+    (DDIM(steps=5, eta=-0.5), r"sampler.eta must be >= 0 \(0: deterministic DDIM, 1: DDPM-like noise\), got -0.5"),
+    (DDIM(steps=5, eta=float("nan")), "sampler.eta must be >= 0"),
+], ids=["steps>T", "no-stride", "ancestral-1-step", "ddim-0-steps", "eta<0", "eta-nan"])
+def test_sampler_settings_are_checked_against_the_diffusion(sampler, message):
+    d = create_diffusion("linear", 40)
+    with pytest.raises(ValueError, match=message):
+        sampler.check(d)
+    with pytest.raises(ValueError, match=message):  # and when called directly
+        sampler(linear_model((1, 2), 40), d, torch.zeros(1, 2))
+
+
+def test_a_mean_predicting_model_cannot_be_respaced_but_samples_all_steps_or_with_ddim():
+    d = create_diffusion("linear", 40, parameterization="mean")
+    with pytest.raises(ValueError, match=r"mean-predicting model .*sampler.steps=null.*sampler=ddim"):
+        Ancestral(steps=5).check(d)
+    Ancestral().check(d)
+    DDIM(steps=5).check(d)

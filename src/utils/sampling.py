@@ -1,0 +1,187 @@
+"""Drawing samples from a model with a sampler, in batches, and writing them: shared by src.sample, src.eval,
+the training callbacks (sample grids, FID) and src.bench.
+
+Seeds: one CPU generator draws each batch's x_T and then the sampler's per-step noise, batch after batch, so
+the samples depend on the seed and the batch size, not on the device.
+
+``write_samples`` writes into a folder:
+- images: ``samples/000000.png ...`` (one PNG per sample, at the data's resolution), ``samples.npz`` (key
+  ``samples``, uint8 N x H x W x C, the layout FID tools expect) and ``grid.png`` (the first samples, enlarged: see
+  ``src.utils.images.image_grid``);
+- 2-D points (data shape (D,)): ``samples.npz`` (key ``samples``, float32 N x D) and ``scatter.png``;
+- class-conditional samples: their labels in ``samples.npz`` under ``labels`` (int64, N).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from src.diffusion.gaussian_diffusion import GaussianDiffusion, Model, randn
+from src.diffusion.guidance import conditional_model
+from src.diffusion.samplers import Sampler
+from src.utils.images import image_grid, save_png, scatter_image, to_uint8
+from src.utils.precision import network_precision
+from src.utils.progress import track
+
+if TYPE_CHECKING:
+    from src.models.ddpm_module import DDPMModule
+
+log = logging.getLogger(__name__)
+
+GRID_MAX = 100  # grid.png shows at most this many samples
+
+
+def build_sampler(node: DictConfig) -> Sampler:
+    """The sampler a ``sampler`` config node selects by ``_target_`` (configs/sampler/*.yaml)."""
+    sampler = instantiate(node)
+    if not callable(sampler):
+        raise ValueError(f"sampler={OmegaConf.to_container(node)} is not a sampler: sampler._target_ must name a "
+                         "sampler class, e.g. src.diffusion.samplers.DDIM (see configs/sampler/)")
+    return sampler
+
+
+def check_sampler(sampler: Sampler, diffusion: GaussianDiffusion) -> None:
+    """Refuse sampler settings that do not fit ``diffusion`` (T, parameterization) before any sampling."""
+    check = getattr(sampler, "check", None)
+    if check is not None:
+        check(diffusion)
+
+
+def sample_batch(sampler: Sampler, model: Model, diffusion: GaussianDiffusion, shape: tuple[int, ...],
+                 generator: torch.Generator | None = None, device: torch.device | str | None = None,
+                 progress: bool = False, clip_denoised: bool = True) -> Tensor:
+    """One batch of ``shape``: x_T from ``generator`` first, then ``sampler`` from it with the same generator."""
+    x_T = randn(shape, generator=generator, device=device)
+    return sampler(model, diffusion, x_T, generator=generator, progress=progress, clip_denoised=clip_denoised)
+
+
+@contextlib.contextmanager
+def _eval_mode(net: Any) -> Iterator[None]:
+    """Dropout off while sampling (training callbacks may find the net in train mode); the mode restored after."""
+    if not isinstance(net, nn.Module):
+        yield
+        return
+    was_training = net.training
+    net.eval()
+    try:
+        yield
+    finally:
+        net.train(was_training)
+
+
+def draw_batches(module: DDPMModule, sampler: Sampler, num_samples: int, batch_size: int,
+                 generator: torch.Generator, device: torch.device, progress: bool = False,
+                 labels: Tensor | None = None, guidance_scale: float = 1.0,
+                 precision: str = "fp32") -> Iterator[Tensor]:
+    """Draw ``num_samples`` in batches of ``batch_size``, yielding each batch on ``device`` as (n, *data_shape).
+
+    ``module`` has ``net``, ``diffusion``, ``data_shape`` and ``clip_denoised`` (a ``DDPMModule``); samples of a
+    ``clip_denoised`` model are clamped to [-1, 1]. ``labels`` (N,): class labels for a conditional model,
+    sampled with classifier-free guidance scale ``guidance_scale`` (None: the model as it is, unconditional).
+    ``precision``: the network's precision (``fp32``, ``bf16`` autocast, or ``auto``; see src.utils.precision).
+    """
+    if module.data_shape is None:
+        raise RuntimeError("the model does not record its data shape (ddpm_data_shape in a checkpoint; "
+                           "DDPMModule(data_shape=...)); re-save it with `python -m src.train`")
+    # the sampler's per-step progress nests under this one (a bar below it; silent as log lines)
+    with track(total=num_samples, desc="samples", unit="samples", enabled=progress) as bar, _eval_mode(module.net):
+        for start in range(0, num_samples, batch_size):
+            n = min(batch_size, num_samples - start)
+            batch_labels = None if labels is None else labels[start:start + n].to(device)
+            model = conditional_model(module.net, batch_labels, guidance_scale)
+            # inference_mode: no autograd bookkeeping at all (cheaper than no_grad per op)
+            with torch.inference_mode(), network_precision(precision, device):
+                x = sample_batch(sampler, model, module.diffusion, (n, *module.data_shape), generator, device,
+                                 progress=progress, clip_denoised=module.clip_denoised)
+            if module.clip_denoised:
+                x = x.clamp(-1.0, 1.0)  # bounded data (images): the same range the reference code writes
+            bar.update(n)
+            yield x
+
+
+def draw(module: DDPMModule, sampler: Sampler, num_samples: int, batch_size: int, generator: torch.Generator,
+         device: torch.device, progress: bool = False, labels: Tensor | None = None, guidance_scale: float = 1.0,
+         precision: str = "fp32") -> Tensor:
+    """``draw_batches`` gathered on the CPU as float32 (N, *data_shape)."""
+    return torch.cat([x.float().cpu() for x in draw_batches(module, sampler, num_samples, batch_size, generator, device,
+                                                            progress, labels, guidance_scale, precision)])
+
+
+def sampling_labels(module: DDPMModule, num_samples: int, class_label: int | None = None,
+                    guidance_scale: float = 1.0, ckpt_path: str = "the checkpoint") -> Tensor | None:
+    """The class labels to sample with: ``class_label`` for every sample, or null for classes 0..K-1 in turn;
+    None for an unconditional model (which refuses a class label or a guidance scale)."""
+    guidance_scale = float(guidance_scale)
+    num_classes = getattr(module.net, "num_classes", None)
+    if num_classes is None:
+        for key, value, default in (("class_label", class_label, None), ("guidance_scale", guidance_scale, 1.0)):
+            if value != default:
+                raise ValueError(f"{key}={value} needs a class-conditional checkpoint, but {ckpt_path} is "
+                                 f"unconditional (trained without conditional=true): drop {key}")
+        return None
+    if class_label is None:
+        return torch.arange(num_samples) % num_classes  # every class in turn
+    if isinstance(class_label, bool) or not isinstance(class_label, int) or not 0 <= class_label < num_classes:
+        raise ValueError(f"class_label={class_label!r} is not a class of this checkpoint: use an int in "
+                         f"[0, {num_classes - 1}], or null for all classes in turn")
+    return torch.full((num_samples,), class_label, dtype=torch.long)
+
+
+def _reference_points(module: DDPMModule, n: int, seed: int) -> Tensor | None:
+    """Points of the training distribution, when the run's data module can draw them (toy2d)."""
+    data_cfg = (module.run_config or {}).get("data")
+    if not data_cfg:
+        return None
+    try:
+        datamodule = instantiate(OmegaConf.create(data_cfg))
+        if not getattr(datamodule, "has_reference_distribution", False):
+            return None
+        return datamodule.sample_reference(n, seed=seed)
+    except Exception as err:  # the grey reference cloud is decoration: never fail the run for it
+        log.warning("no reference points for the scatter plot (%s: %s)", type(err).__name__, err)
+        return None
+
+
+def write_samples(samples: Tensor, out_dir: Path, module: DDPMModule, seed: int = 0, labels: Tensor | None = None,
+                  grid_nrow: int | None = None) -> Path:
+    """Write the samples (N, C, H, W) or (N, D) as described in the module docstring; returns the npz path.
+
+    ``labels`` (N,), for conditional samples, go into the npz as ``labels``; ``grid_nrow`` is the number of
+    images per row of grid.png (default: a square).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    npz = out_dir / "samples.npz"
+    extra = {} if labels is None else {"labels": labels.cpu().numpy().astype(np.int64)}
+    if samples.dim() == 2:
+        np.savez(npz, samples=samples.numpy().astype(np.float32), **extra)
+        if samples.shape[1] == 2:
+            reference = _reference_points(module, max(len(samples), 1000), seed)
+            image = scatter_image(samples, reference, title=f"{len(samples)} samples")
+            save_png(image, out_dir / "scatter.png")
+        return npz
+    images = to_uint8(samples)  # (N, C, H, W); clips to [-1, 1]
+    np.savez(npz, samples=images.permute(0, 2, 3, 1).contiguous().numpy(), **extra)
+    # one PNG per sample at the data's own resolution, not enlarged: these are what FID tools read
+    for i, image in enumerate(images):
+        save_png(image, out_dir / "samples" / f"{i:06d}.png")
+    save_png(image_grid(samples[:GRID_MAX], nrow=grid_nrow), out_dir / "grid.png")  # enlarged for people
+    return npz
+
+
+def read_samples(path: str | Path) -> Tensor:
+    """The samples of a ``samples.npz`` written by ``write_samples``, as float32 in the data's layout and range."""
+    with np.load(path) as f:
+        arr = torch.from_numpy(f["samples"])
+    if arr.dtype == torch.uint8:  # images N x H x W x C on the 8-bit grid
+        arr = arr.permute(0, 3, 1, 2).float() / 127.5 - 1
+    return arr.float()
