@@ -270,3 +270,36 @@ def make_diffusers_folder(folder: Path) -> None:
 
     make_diffusers_unet(TINY_UNET).save_pretrained(folder, safe_serialization=True)
     (folder / "scheduler_config.json").write_text(json.dumps(CIFAR10_SCHEDULER))
+
+
+def readme_python_block(after_heading: str) -> str:
+    """The first python code block below the README heading ``after_heading``."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split(f"## {after_heading}\n", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_adding_a_dataset_example_trains(tmp_path, monkeypatch):
+    """The README's example data module, as written there, plugs into training through its yaml node."""
+    import math
+    import types
+
+    from omegaconf import OmegaConf
+    from torch.utils.data import TensorDataset
+
+    from src.data.base import UNLABELED, BaseDataModule, TransformedSubset, split_indices
+    from src.train import train
+    from src.utils.validate import check_int
+    from tests.conftest import TINY, compose_config
+
+    module = types.ModuleType("readme_rings")
+    module.__dict__.update(math=math, torch=torch, TensorDataset=TensorDataset, BaseDataModule=BaseDataModule,
+                           TransformedSubset=TransformedSubset, split_indices=split_indices, UNLABELED=UNLABELED,
+                           check_int=check_int)
+    exec(readme_python_block("Adding a dataset"), module.__dict__)  # noqa: S102 - the README's own example
+    monkeypatch.setitem(sys.modules, "readme_rings", module)
+    cfg = compose_config([*TINY, "model=mlp", "callbacks.sample_grid.num_samples=8"], tmp_path / "run")
+    cfg.data = OmegaConf.create({"_target_": "readme_rings.RingsDataModule", "batch_size": 64, "num_samples": 500})
+    objects = train(cfg)
+    assert objects["module"].data_shape == (2,) and objects["trainer"].global_step == 4
+    assert objects["run_config"]["model"]["data_dim"] == 2
