@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from src.eval import evaluate, rate_distortion, to_8bit_grid
+from src.eval import evaluate
+from src.metrics.nll import rate_distortion, to_8bit_grid
 from tests.conftest import TINY, compose_config, run_entry_point, write_untrained_checkpoint
 
 

@@ -7,7 +7,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.utils import make_grid
 
@@ -56,7 +55,7 @@ def test_write_samples_enlarges_grid_png_but_not_the_per_sample_pngs(tmp_path):
 
 # ------------------------------------------------------------------------------------------ labelled figures
 def test_figure_column_labels():
-    from src.eval import figure_labels
+    from src.metrics.figures import figure_labels
 
     labels, title = figure_labels("progressive", {"paper_timesteps": [50, 41, 31, 21, 11, 1]})
     assert labels == ["t=50", "t=41", "t=31", "t=21", "t=11", "t=1"] and "timestep t" in title
@@ -78,14 +77,13 @@ def test_labelled_grid_puts_a_label_strip_above_the_unchanged_grid():
 
 def test_progressive_figure_is_labelled_and_enlarged(tmp_path):
     from src.diffusion import create_diffusion
-    from src.eval import make_figure
+    from src.metrics.figures import progressive_figure
     from tests.diffusion.test_paper_figures import point_mass_oracle
 
     diffusion = create_diffusion("linear", 50, "fixed_large")
     module = SimpleNamespace(data_shape=(1, 8, 8), diffusion=diffusion, net=point_mass_oracle(diffusion, 0.25),
                              clip_denoised=True)
-    cfg = OmegaConf.create({"metric": "progressive", "seed": 0, "figure": {"rows": 2, "columns": 5}})
-    info = make_figure(module, cfg, torch.device("cpu"), tmp_path)
+    info = progressive_figure(module, torch.device("cpu"), tmp_path, rows=2, columns=5, seed=0)
     assert info["paper_timesteps"] == [50, 41, 31, 21, 11, 1]
     frames = torch.from_numpy(np.load(tmp_path / "progressive.npz")["frames"]).float() / 127.5 - 1
     grid = images.image_grid(frames.transpose(0, 1).flatten(0, 1), nrow=6)

@@ -1,4 +1,7 @@
-"""Download-free sample-quality metrics: digits classifier-feature Fréchet distance, sliced Wasserstein."""
+"""Download-free sample-quality metrics: digits classifier-feature Fréchet distance, sliced Wasserstein.
+
+What src.eval runs is in nll.py (bits/dim), sample_quality.py (FD, SWD, FID/IS/KID of samples) and figures.py.
+"""
 
 from .digits_classifier import (
     METRIC_KEY,

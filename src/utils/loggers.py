@@ -1,4 +1,5 @@
-"""A CSV logger that keeps what an earlier attempt of the same run wrote, and only that."""
+"""A CSV logger that keeps what an earlier attempt of the same run wrote, and only that; W&B checks; sending a run's
+config, numbers and figures to its loggers."""
 
 from __future__ import annotations
 
@@ -8,15 +9,22 @@ import logging
 import netrc
 import os
 import socket
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
+import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import OmegaConf
+from PIL import Image
 
 from src.utils.files import atomic_write
+from src.utils.images import log_image
+from src.utils.instantiate import instantiate_loggers
 
 log = logging.getLogger(__name__)
 
@@ -173,3 +181,21 @@ def finish_wandb(loggers: list) -> None:
 
         if wandb.run is not None:
             wandb.finish()
+
+
+def send_to_loggers(cfg: Any, summary: dict, out_dir: Path, prefix: str = "eval") -> None:
+    """Log ``cfg`` (resolved, as hyperparameters), the numbers of ``summary`` (as ``<prefix>/<name>``) and the figures
+    written to ``out_dir`` (``*.png``, as ``<prefix>/<stem>``) to the loggers of ``cfg.logger``, at step 0."""
+    loggers = instantiate_loggers(cfg.get("logger"))
+    if not loggers:
+        return
+    numbers = {f"{prefix}/{k}": float(v) for k, v in summary.items()
+               if isinstance(v, int | float) and not isinstance(v, bool) and v is not None}
+    for logger in loggers:
+        log_hyperparams(logger, OmegaConf.to_container(cfg, resolve=True))
+        logger.log_metrics(numbers, step=0)
+        for png in sorted(out_dir.glob("*.png")):
+            image = torch.from_numpy(np.asarray(Image.open(png).convert("RGB"))).permute(2, 0, 1)
+            log_image([logger], f"{prefix}/{png.stem}", image, step=0)
+        logger.save()
+    finish_wandb(loggers)

@@ -1,0 +1,96 @@
+"""Sample metrics of a model: the digits classifier-feature Fréchet distance and the sliced Wasserstein distance, each
+next to its floor (the same number for real data at the same count), and FID/IS/KID with torch-fidelity."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from src.utils.images import to_uint8
+from src.utils.sampling import build_sampler, check_sampler, draw, read_samples
+
+
+def get_samples(module: Any, device: torch.device, sampler: Any, num_samples: int, batch_size: int, *, seed: int = 0,
+                progress: bool = True, precision: str = "fp32", path: str | None = None) -> tuple[torch.Tensor, float]:
+    """Samples in [-1, 1] (N, *data_shape) and the seconds drawing them took: read from ``path`` (an npz of
+    src.sample), else ``num_samples`` drawn now with the ``sampler`` config node."""
+    if path:
+        return read_samples(path), 0.0
+    built = build_sampler(sampler)
+    check_sampler(built, module.diffusion)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    start = time.perf_counter()
+    samples = draw(module, built, num_samples, batch_size, generator, device, progress=progress, precision=precision)
+    return samples, time.perf_counter() - start
+
+
+def classifier_fd(samples: torch.Tensor, data_config: Mapping[str, Any], seed: int = 0) -> dict[str, float]:
+    """Fréchet distance of 8x8 digit samples to the test split in the digits classifier's features, and that of
+    as many real digits (seeded by ``seed``)."""
+    from src.metrics import DigitsFrechetDistance
+
+    target = str(data_config.get("_target_", ""))
+    if not target.endswith("DigitsDataModule") or tuple(samples.shape[1:]) != (1, 8, 8):
+        raise ValueError("metric=fd_digits_classifier needs a model of the 8x8 digits data; this checkpoint "
+                         f"models {data_config.get('_target_')} of shape {tuple(samples.shape[1:])}")
+    fd = DigitsFrechetDistance(split="test", seed=int(data_config.get("seed", 0)))
+    # the real data on the 8-bit grid, as the samples are
+    return {"fd_digits_classifier": fd(to_uint8(samples).float() / 127.5 - 1),
+            "fd_digits_classifier_real_floor": fd.reference_fd_of_real_data(len(samples), seed=seed)}
+
+
+def sliced_wasserstein(samples: torch.Tensor, data_config: Mapping[str, Any], seed: int = 0) -> dict[str, float]:
+    """Sliced Wasserstein distance of 2-D samples to fresh points of the true distribution, and that of as many
+    other fresh points."""
+    from src.data.base import BaseDataModule
+    from src.metrics import sliced_wasserstein_distance
+
+    datamodule = instantiate(OmegaConf.create(data_config))
+    has_reference = isinstance(datamodule, BaseDataModule) and datamodule.has_reference_distribution
+    if not has_reference or samples.dim() != 2:
+        raise ValueError("metric=swd needs a model of 2-D toy data (data=toy2d)")
+    generator = torch.Generator().manual_seed(seed)
+    reference = datamodule.sample_reference(len(samples), seed=seed)
+    return {"swd": sliced_wasserstein_distance(samples, reference, generator=generator),
+            "swd_real_floor": sliced_wasserstein_distance(datamodule.sample_reference(len(samples), seed=seed + 1),
+                                                          reference, generator=generator)}
+
+
+SAMPLE_METRICS = {"fd_digits_classifier": classifier_fd, "swd": sliced_wasserstein}
+
+
+def sample_quality(metric: str, samples: torch.Tensor, data_config: Mapping[str, Any], *, seed: int = 0,
+                   sampling_seconds: float = 0.0) -> dict[str, float]:
+    """``metric`` (a key of ``SAMPLE_METRICS``) of ``samples`` of a model of the data ``data_config`` builds."""
+    summary = {"num_samples": len(samples), "sampling_seconds": sampling_seconds}
+    return summary | SAMPLE_METRICS[metric](samples, data_config, seed)
+
+
+def evaluate_fid(samples: torch.Tensor | str, reference: str, device: torch.device, *,
+                 datamodule: Callable[[], Any] | None = None, seed: int = 0, sampling_seconds: float = 0.0,
+                 metrics: Sequence[str] = ("fid", "isc", "kid"), weights_path: str | None = None,
+                 cache_dir: str | None = None, feature: int = 2048, batch_size: int = 250, kid_subset_size: int = 1000,
+                 max_reference: int = 50_000) -> dict[str, Any]:
+    """FID/IS/KID with torch-fidelity of ``samples`` (images in [-1, 1], or a folder / npz) against ``reference``:
+    ``train`` or ``test`` (that split of the DataModule ``datamodule()`` builds) or a folder / npz of images."""
+    from src.metrics.fidelity import compute_fidelity
+
+    if isinstance(samples, torch.Tensor):
+        samples = to_uint8(samples).permute(0, 2, 3, 1).contiguous()
+    images, split = reference, "train"
+    if reference in ("train", "test"):
+        if datamodule is None:
+            raise ValueError(f"fid.reference={reference} needs the checkpoint's data")
+        images, split = datamodule(), reference
+    result = compute_fidelity(
+        samples, images, metrics=tuple(metrics), weights_path=weights_path, cache_root=cache_dir, device=device,
+        batch_size=int(batch_size), kid_subset_size=int(kid_subset_size), max_reference=int(max_reference),
+        seed=int(seed), feature=int(feature), reference_split=split,
+    )
+    return {**result, "num_samples": len(samples) if not isinstance(samples, str) else None,
+            "sampling_seconds": sampling_seconds, "reference": str(reference)}
