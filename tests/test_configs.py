@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 
 from src.config import fill_model_from_data
 from src.train import build
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, write_fake_cifar10
+from tests.helpers import ROOT, write_fake_cifar10
 
 pytestmark = pytest.mark.slow
 
@@ -266,7 +266,7 @@ def make_diffusers_folder(folder: Path) -> None:
     """What `hf download google/ddpm-cifar10-32` gives, at a small size: a UNet2DModel folder and its scheduler."""
     import json
 
-    from tests.test_convert import CIFAR10_SCHEDULER, TINY_UNET, make_diffusers_unet
+    from tests.entry_points.test_convert import CIFAR10_SCHEDULER, TINY_UNET, make_diffusers_unet
 
     make_diffusers_unet(TINY_UNET).save_pretrained(folder, safe_serialization=True)
     (folder / "scheduler_config.json").write_text(json.dumps(CIFAR10_SCHEDULER))
@@ -290,7 +290,7 @@ def test_the_adding_a_dataset_example_trains(tmp_path, monkeypatch):
     from src.data.base import UNLABELED, BaseDataModule, TransformedSubset, split_indices
     from src.train import train
     from src.utils.validate import check_int
-    from tests.conftest import TINY, compose_config
+    from tests.helpers import TINY, compose_config
 
     module = types.ModuleType("readme_rings")
     module.__dict__.update(math=math, torch=torch, TensorDataset=TensorDataset, BaseDataModule=BaseDataModule,

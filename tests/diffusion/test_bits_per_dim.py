@@ -15,7 +15,7 @@ from src.diffusion import (
     mean_flat,
     normal_kl,
 )
-from tests.oracles import gaussian_eps_oracle
+from tests.helpers.oracles import gaussian_eps_oracle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from src.diffusion import GaussianDiffusion, create_diffusion, make_beta_schedule
-from tests.oracles import gaussian_eps_oracle
+from tests.helpers.oracles import gaussian_eps_oracle
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from src.diffusion.samplers import (
     respace,
     space_timesteps,
 )
-from tests.conftest import CONFIG_DIR
-from tests.oracles import gaussian_eps_oracle
+from tests.helpers import CONFIG_DIR
+from tests.helpers.oracles import gaussian_eps_oracle
 
 
 def linear_model(shape, num_timesteps, seed=0):

@@ -11,7 +11,7 @@ import torch
 
 from src.eval import evaluate
 from src.metrics.nll import rate_distortion, to_8bit_grid
-from tests.conftest import TINY, compose_config, run_entry_point, write_untrained_checkpoint
+from tests.helpers import TINY, compose_config, run_entry_point, write_untrained_checkpoint
 
 
 def test_rate_distortion_follows_the_paper_definitions():

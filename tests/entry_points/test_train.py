@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from src.utils.checkpoint import load_module
-from tests.conftest import TINY, run_entry_point, write_fake_cifar10
+from tests.helpers import TINY, run_entry_point, write_fake_cifar10
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:

@@ -19,7 +19,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from src.callbacks.ema import SyncFreeAveragedModel
 from src.callbacks.progress import ThrottledRichProgressBar, TrainingProgressLines
 from src.train import train
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
 

@@ -30,7 +30,7 @@ from src.diffusion.parameterizations import Parameterization
 from src.train import train
 from src.utils.checkpoint import load_module
 
-HERE = __name__  # tests.test_diffusion_variants: the module path a config's _target_ names
+HERE = __name__  # tests.diffusion.test_variants: the module path a config's _target_ names
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def test_a_parameterization_and_an_objective_defined_here_build_from_a_config_no
 
 
 def test_the_new_variants_train_checkpoint_reload_and_sample_through_the_entry_point(tmp_path, one_thread):
-    from tests.conftest import TINY, compose_config
+    from tests.helpers import TINY, compose_config
 
     run = tmp_path / "run"
     cfg = compose_config([*TINY, "trainer.max_steps=2", "callbacks.sample_grid=null",

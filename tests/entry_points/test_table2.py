@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from src.utils.checkpoint import load_module
-from tests.conftest import TINY, run_entry_point
+from tests.helpers import TINY, run_entry_point
 
 ROWS = {
     "mean_vlb_learned": ("mean", "vlb", "learned"),

@@ -46,7 +46,8 @@ def test_sampling_callback_sees_the_ema_weights(compose_cfg, tmp_path):
     objects = build(compose_cfg("trainer.max_steps=6", "trainer.limit_train_batches=3"))
     callbacks = instantiate_callbacks(OmegaConf.create({
         "ema": {"_target_": "src.callbacks.EMA", "decay": 1.0},
-        "grid": {"_target_": "tests.test_module.RecordingSampleGrid", "num_samples": 2, "dirpath": str(tmp_path)},
+        "grid": {"_target_": "tests.models.test_ddpm_module.RecordingSampleGrid", "num_samples": 2,
+                 "dirpath": str(tmp_path)},
     }))
     assert [type(c).__name__ for c in callbacks] == ["RecordingSampleGrid", "EMA"]
     trainer = L.Trainer(max_steps=6, limit_train_batches=3, limit_val_batches=1, callbacks=callbacks, logger=False,

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
 from src.utils.resume import slurm_requeue_checkpoint
-from tests.conftest import CONFIG_DIR, ROOT, TINY, run_entry_point
+from tests.helpers import CONFIG_DIR, ROOT, TINY, run_entry_point
 
 
 def installed(module: str) -> bool:
@@ -69,7 +69,8 @@ def fake_slurm_bin(tmp_path, monkeypatch):
     state.mkdir()
     for command in ("sbatch", "srun", "sacct", "scontrol"):
         tool = bin_dir / command
-        tool.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "fake_slurm.py"}" {command} "$@"\n')
+        script = ROOT / "tests" / "helpers" / "fake_slurm.py"
+        tool.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{script}" {command} "$@"\n')
         tool.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_SLURM_DIR", str(state))

@@ -14,7 +14,7 @@ import src.metrics.fidelity.compute
 import src.sample
 from src.utils.precision import resolve_precision
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def files_with(pattern: str) -> list[str]:
@@ -66,7 +66,7 @@ def test_cuda_index_beyond_the_gpus_and_what_resolves(monkeypatch):
 
 @pytest.mark.parametrize("entry", ["sample", "eval"])
 def test_entry_points_refuse_a_missing_gpu_before_reading_the_checkpoint(monkeypatch, tmp_path, entry):
-    from tests.conftest import compose_config
+    from tests.helpers import compose_config
 
     no_gpu(monkeypatch)
     cfg = compose_config([f"ckpt_path={tmp_path / 'absent.ckpt'}", "device=cuda"], tmp_path / "out",

@@ -16,7 +16,7 @@ from PIL import Image
 from src.diffusion.samplers import DDIM, Ancestral, Sampler, space_timesteps
 from src.sample import sample
 from src.utils.sampling import write_samples
-from tests.conftest import ROOT, TINY, compose_config, run_entry_point, write_untrained_checkpoint
+from tests.helpers import ROOT, TINY, compose_config, run_entry_point, write_untrained_checkpoint
 
 # One intra-op thread everywhere: on a small shared CPU, 2+ OpenMP threads per process spin against other
 # work and make the tiny U-Net several times slower; it also keeps CPU results identical across processes.

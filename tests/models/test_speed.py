@@ -24,7 +24,7 @@ from src.diffusion import create_diffusion
 from src.models import TimeMLP, UNet
 from src.models.ddpm_module import DDPMModule
 from src.models.speed import build_optimizer, choose_fused_foreach, has_fused_kernels, use_channels_last
-from tests.conftest import TINY, assert_same_weights_and_ema, run_entry_point, run_whole_and_split, write_fake_cifar10
+from tests.helpers import TINY, assert_same_weights_and_ema, run_entry_point, run_whole_and_split, write_fake_cifar10
 
 
 def tiny_unet(seed: int = 0, dropout: float = 0.0) -> UNet:
@@ -364,7 +364,7 @@ def test_resident_bytes_counts_weights_grads_adam_and_ema():
 def test_bench_gives_ours_the_levers_only_in_the_defaults_setting(tmp_path):
     from src.bench.report import levers_used
     from src.bench.sides import build_ours
-    from tests.conftest import compose_config
+    from tests.helpers import compose_config
 
     cfg = compose_config(["model.ch=8", "model.num_groups=4", "channels_last=true", "device=cpu"], tmp_path,
                          config_name="bench")

@@ -20,7 +20,7 @@ import torch
 
 from src.utils.checkpoint_io import AtomicCheckpointIO
 from src.utils.run_folder import LOCK_NAME, FolderLock, RunFolderError
-from tests.conftest import ROOT, assert_same_weights_and_ema, load_checkpoint, run_entry_point
+from tests.helpers import ROOT, assert_same_weights_and_ema, load_checkpoint, run_entry_point
 
 # The default experiment (digits: 11 batches an epoch at batch 128) with a short chain for fast sample grids;
 # validation and a sample grid after every epoch, so the resumed part crosses an epoch end with sampling.
@@ -44,7 +44,7 @@ class SignalAtStep(L.Callback):
 
 
 def stop_at(step: int, sig: str) -> list[str]:
-    return ["+callbacks.stop._target_=tests.test_run_folders.SignalAtStep", f"+callbacks.stop.step={step}",
+    return ["+callbacks.stop._target_=tests.entry_points.test_run_folders.SignalAtStep", f"+callbacks.stop.step={step}",
             f"+callbacks.stop.signal={sig}"]
 
 

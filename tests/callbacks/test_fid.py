@@ -79,7 +79,7 @@ def test_fid_is_logged_from_ema_samples_with_inception_outside_the_module(weight
     # listed after the EMA on purpose: src.train's ordering must put weight averaging last
     callbacks = instantiate_callbacks(OmegaConf.create({
         "ema": {"_target_": "src.callbacks.EMA", "decay": 0.9},
-        "fid": {"_target_": "tests.test_fid_callback.RecordingFID", "every_n_epochs": 1, "num_samples": 8,
+        "fid": {"_target_": "tests.callbacks.test_fid.RecordingFID", "every_n_epochs": 1, "num_samples": 8,
                 "batch_size": 8, "weights_path": weights, "feature": 64},
     }))
     fid = callbacks[0]

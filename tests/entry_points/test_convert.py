@@ -14,7 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from src.convert import DDPM_SCHEDULER_DEFAULTS, UNET2D_DEFAULTS, convert, diffusion_settings
 from src.diffusion import create_diffusion
 from src.utils.checkpoint import load_module
-from tests.conftest import compose_config, run_entry_point, write_fake_cifar10
+from tests.helpers import compose_config, run_entry_point, write_fake_cifar10
 
 diffusers = pytest.importorskip("diffusers")
 # one intra-op thread: on a small shared CPU, more spin against other work (see conftest.one_thread)

@@ -8,7 +8,7 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import ROOT, run_entry_point
+from tests.helpers import ROOT, run_entry_point
 
 TASKS = {"train", "sample_ddpm", "sample_ddim"}
 SETTINGS = {"same_precision", "defaults"}

@@ -10,7 +10,7 @@ import torch
 
 from src.train import build, train
 from src.utils.resume import check_resume_checkpoint
-from tests.conftest import TINY, compose_config
+from tests.helpers import TINY, compose_config
 
 
 @pytest.fixture(scope="module")

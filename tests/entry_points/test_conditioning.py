@@ -18,7 +18,7 @@ from src.models.mlp import TimeMLP
 from src.models.unet import UNet
 from src.sample import sample
 from src.train import build
-from tests.conftest import TINY, compose_config, run_entry_point
+from tests.helpers import TINY, compose_config, run_entry_point
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 K = 4  # classes of the small test backbones

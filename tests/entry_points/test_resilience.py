@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from src.train import build, train
 from src.utils.checkpoint_io import AtomicCheckpointIO
 from src.utils.resume import resolve_ckpt_path, run_dir_named
-from tests.conftest import (
+from tests.helpers import (
     ROOT,
     TINY,
     assert_same_weights_and_ema,
@@ -134,7 +134,8 @@ def wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = STA
 
 def paused_run_args(run_dir: Path, step: int) -> list[str]:
     marker = run_dir.parent / f"{run_dir.name}-paused"
-    return [*EXACT, f"hydra.run.dir={run_dir}", "+callbacks.pause._target_=tests.test_resilience.PauseAtStep",
+    return [*EXACT, f"hydra.run.dir={run_dir}",
+            "+callbacks.pause._target_=tests.entry_points.test_resilience.PauseAtStep",
             f"+callbacks.pause.step={step}", f"+callbacks.pause.marker={marker}"]
 
 
@@ -393,7 +394,7 @@ def test_two_ddp_ranks_end_with_identical_weights_and_ema(tmp_path):
     started = time.monotonic()
     result = run_entry_point("src.train", *TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                              "callbacks.sample_grid=null",
-                             "+callbacks.rank_dump._target_=tests.test_resilience.RankStateDump",
+                             "+callbacks.rank_dump._target_=tests.entry_points.test_resilience.RankStateDump",
                              f"hydra.run.dir={run_dir}", cwd=tmp_path, env=ONE_THREAD)
     wall = time.monotonic() - started
     assert result.returncode == 0, result.stderr[-4000:]
