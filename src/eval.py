@@ -100,12 +100,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval.yaml")
 def main(cfg: DictConfig) -> float:
-    from src.utils.quiet import silence_library_noise
+    from src.utils.process import prepare_process
     from src.utils.run_folder import mark_progress
-    from src.utils.threads import configure_threads
 
-    silence_library_noise()
-    configure_threads()
+    prepare_process()
     summary = evaluate(cfg)
     mark_progress()
     return summary.get("nll_bpd", summary.get(cfg.metric))

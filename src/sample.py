@@ -60,12 +60,10 @@ def sample(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="sample.yaml")
 def main(cfg: DictConfig) -> Path:
-    from src.utils.quiet import silence_library_noise
+    from src.utils.process import prepare_process
     from src.utils.run_folder import mark_progress
-    from src.utils.threads import configure_threads
 
-    silence_library_noise()
-    configure_threads()
+    prepare_process()
     npz = sample(cfg)
     mark_progress()
     return npz

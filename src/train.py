@@ -93,11 +93,9 @@ def main(cfg: DictConfig) -> float | None:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from src.config import local_processes
-    from src.utils.quiet import silence_library_noise
-    from src.utils.threads import configure_threads
+    from src.utils.process import prepare_process
 
-    silence_library_noise()
-    configure_threads(local_processes(cfg.trainer), int(cfg.data.get("num_workers") or 0))
+    prepare_process(local_processes(cfg.trainer), int(cfg.data.get("num_workers") or 0))
     try:
         metrics = train(cfg)["metrics"]
     except SIGTERMException as stop:

@@ -6,10 +6,10 @@ Tasks (configs/bench.yaml `tasks`), each timed in images/s:
   google/ddpm-cifar10-32 config, ``DDPMScheduler.add_noise`` and MSE on the noise (its train_unconditional
   example). denoising-diffusion-pytorch: ``Unet(dim=ch, dim_mults=ch_mult)`` with its own ``GaussianDiffusion``
   loss (objective pred_noise, linear betas). Same optimizer and EMA everywhere.
-- ``sample_ddpm``: the full ancestral chain of ``sample_steps`` steps (ours: ``GaussianDiffusion.sample`` of a
+- ``sample_ddpm``: the full ancestral chain of ``sample_steps`` steps (ours: the ``Ancestral`` sampler of a
   T=sample_steps diffusion; diffusers: the ``DDPMScheduler`` step loop as ``DDPMPipeline`` runs it;
   denoising-diffusion-pytorch: ``p_sample_loop``).
-- ``sample_ddim``: ``ddim_steps`` DDIM steps over T=num_timesteps (ours: ``ddim_sample``; diffusers:
+- ``sample_ddim``: ``ddim_steps`` DDIM steps over T=num_timesteps (ours: the ``DDIM`` sampler; diffusers:
   ``DDIMScheduler`` loop with eta=0; denoising-diffusion-pytorch: ``ddim_sample``).
 
 Settings: ``same_precision`` (both sides in ``precision``: fp32 on CPU, bf16 autocast on CUDA by default, and

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from src.diffusion import create_diffusion, ddim_sample
+from src.diffusion import DDIM, Ancestral, create_diffusion
 from src.models.speed import build_optimizer, compile_backbone, use_channels_last
+from src.utils.sampling import sample_batch
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +109,17 @@ def build_ours(cfg: DictConfig, sz: dict[str, int], device: torch.device, precis
                                     float(cfg.lr), float(cfg.ema_decay), ctx, auto_adam=levers)
     # the paper's beta endpoints whatever T (linear scales them by 1000/T, which breaks for a short chain)
     chain = create_diffusion("linear", sz["sample_steps"], schedule_kwargs={"beta_start": 1e-4, "beta_end": 0.02})
+    ancestral, ddim = Ancestral(), DDIM(steps=sz["ddim_steps"])
 
     def sample_ddpm() -> Tensor:
         model.eval()
         with inference(grad_mode), ctx():
-            return chain.sample(model, shape, device=device)
+            return sample_batch(ancestral, model, chain, shape, device=device)
 
     def sample_ddim() -> Tensor:
         model.eval()
         with inference(grad_mode), ctx():
-            return ddim_sample(diffusion, model, shape, steps=sz["ddim_steps"], device=device)
+            return sample_batch(ddim, model, diffusion, shape, device=device)
 
     side.runs["sample_ddpm"] = sample_ddpm
     side.runs["sample_ddim"] = sample_ddim

@@ -137,28 +137,32 @@ class ThrottledRichProgressBar(RichProgressBar):
         self.refresh()
 
 
-class _StepsColumn(BatchesProcessedColumn):
+class _StepAware:
+    """A column of Lightning's bar that renders the step-counting training task its own way (``step_text``)."""
+
+    def __init__(self, bar: ThrottledRichProgressBar, style: Any) -> None:
+        super().__init__(style)  # type: ignore[call-arg]
+        self.bar = bar
+
+    def render(self, task: Any) -> Any:
+        if self.bar.is_step_task(task):
+            return Text(self.step_text(task), style=self.style)  # type: ignore[attr-defined]
+        return super().render(task)  # type: ignore[misc]
+
+    def step_text(self, task: Any) -> str:
+        raise NotImplementedError
+
+
+class _StepsColumn(_StepAware, BatchesProcessedColumn):
     """``step 1234/800000`` on the step-counting training bar, Lightning's ``n/total`` elsewhere."""
 
-    def __init__(self, bar: ThrottledRichProgressBar, style: Any) -> None:
-        super().__init__(style)
-        self.bar = bar
-
-    def render(self, task: Any) -> Any:
-        if self.bar.is_step_task(task):
-            return Text(f"step {int(task.completed)}/{int(task.total)}", style=self.style)
-        return super().render(task)
+    def step_text(self, task: Any) -> str:
+        return f"step {int(task.completed)}/{int(task.total)}"
 
 
-class _StepSpeedColumn(ProcessingSpeedColumn):
-    def __init__(self, bar: ThrottledRichProgressBar, style: Any) -> None:
-        super().__init__(style)
-        self.bar = bar
-
-    def render(self, task: Any) -> Any:
-        if self.bar.is_step_task(task):
-            return Text(f"{task.speed or 0.0:.2f} steps/s", style=self.style)
-        return super().render(task)
+class _StepSpeedColumn(_StepAware, ProcessingSpeedColumn):
+    def step_text(self, task: Any) -> str:
+        return f"{task.speed or 0.0:.2f} steps/s"
 
 
 class TrainingProgressLines(ProgressBar):
