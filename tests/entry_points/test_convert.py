@@ -11,8 +11,9 @@ import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 
-from src.convert import DDPM_SCHEDULER_DEFAULTS, UNET2D_DEFAULTS, convert, diffusion_settings
+from src.convert import convert
 from src.diffusion import create_diffusion
+from src.models.from_diffusers import DDPM_SCHEDULER_DEFAULTS, UNET2D_DEFAULTS, diffusion_settings
 from src.utils.checkpoint import load_module
 from tests.helpers import compose_config, run_entry_point, write_fake_cifar10
 
