@@ -59,10 +59,16 @@ def resume_from(cfg: DictConfig) -> str | None:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (and optionally test) the model; returns the objects and the final metrics."""
+    from pathlib import Path
+
+    from src.utils.checkpoint import read_checkpoint
     from src.utils.loggers import finish_wandb, record_checkpoint_path
     from src.utils.run_folder import mark_progress
+    from src.utils.threads import keep_threads_of_run
 
     ckpt_path = resume_from(cfg) if cfg.get("train", True) else None
+    if ckpt_path is not None and Path(ckpt_path).is_file():
+        keep_threads_of_run(read_checkpoint(Path(ckpt_path), header_only=True).get("cpu_threads"))
     objects = build(cfg, ckpt_path)
     trainer, module, datamodule = objects["trainer"], objects["module"], objects["datamodule"]
     n_params = sum(p.numel() for p in module.net.parameters())

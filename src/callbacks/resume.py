@@ -15,7 +15,7 @@ class ExactResume(L.Callback):
     """Resuming from a checkpoint of any step draws what the uninterrupted run would have drawn.
 
     - The global RNG (timesteps, noise, label dropout) is saved in every checkpoint (``rng_states``) and restored
-      before the first resumed step.
+      before the first resumed step; so is the number of CPU threads (``cpu_threads``, restored by src.train).
     - Resumed mid-epoch, the epoch's data order is replayed from its seed (``EpochSeededSampler``) minus the
       batches already trained on.
     - Loggers that can (``ResumableCSVLogger``) drop the rows the stopped attempt wrote after the checkpoint, so
@@ -30,6 +30,7 @@ class ExactResume(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(),
                                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        checkpoint["cpu_threads"] = torch.get_num_threads()  # see src.utils.threads.keep_threads_of_run
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         self._rng_states = checkpoint.get("rng_states")

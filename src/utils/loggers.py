@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
 from src.utils.files import atomic_write
@@ -139,7 +139,9 @@ def fall_back_to_offline_wandb(logger_cfg: Any) -> None:
     reason = wandb_server_unreachable()
     if reason is None:
         return
-    logger_cfg.wandb.offline = True
+    with open_dict(logger_cfg):
+        logger_cfg.wandb.offline = True
+        logger_cfg.wandb.mode = "offline"  # to wandb.init itself: settings a process already holds can not win
     log.warning("W&B server unreachable (%s): logging offline into <run folder>/wandb instead; upload the run "
                 "later with `wandb sync <run folder>/wandb/offline-run-*`", reason)
 

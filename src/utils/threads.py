@@ -104,3 +104,16 @@ def configure_threads(processes: int = 1, loader_workers: int = 0, probe: bool =
         torch.set_num_threads(threads)
     log.info("torch uses %d CPU thread%s (%s)", threads, "" if threads == 1 else "s", why)
     return threads
+
+
+def keep_threads_of_run(threads: int | None) -> None:
+    """A resumed run computes with the thread count its checkpoint was written with (recorded by
+    ``ExactResume``): a matrix product's reduction order, and so its last bits, can depend on it, and resuming is
+    bit for bit. ``OMP_NUM_THREADS`` still wins."""
+    import torch
+
+    if threads is None or os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads() == int(threads):
+        return
+    log.info("resuming with the %d CPU thread%s the run computed with (bit for bit), not %d", int(threads),
+             "" if int(threads) == 1 else "s", torch.get_num_threads())
+    torch.set_num_threads(int(threads))

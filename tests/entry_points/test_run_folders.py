@@ -48,8 +48,9 @@ def stop_at(step: int, sig: str) -> list[str]:
             f"+callbacks.stop.signal={sig}"]
 
 
-def train(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    return run_entry_point("src.train", *DIGITS, *args, f"hydra.run.dir={run_dir}", cwd=run_dir.parent, env=ONE_THREAD)
+def train(run_dir: Path, *args: str, env: dict | None = ONE_THREAD) -> subprocess.CompletedProcess:
+    """Separate runs compute alike only with the same CPU thread count: one, unless ``env`` says otherwise."""
+    return run_entry_point("src.train", *DIGITS, *args, f"hydra.run.dir={run_dir}", cwd=run_dir.parent, env=env)
 
 
 def metric_rows(run_dir: Path) -> list[dict[str, str]]:
@@ -85,9 +86,12 @@ def test_resume_from_any_last_checkpoint_is_exact(tmp_path, uninterrupted, way):
     first = train(run_dir, *args)
     assert first.returncode == status, first.stderr[-3000:]
     assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == STOP
-    if way == "max_steps":  # a folder that was moved (or copied) before it resumes
-        run_dir = run_dir.rename(tmp_path / "moved")
-    resumed = train(run_dir, f"trainer.max_steps={TOTAL}", "ckpt_path=last")
+    assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["cpu_threads"] == 1
+    env = ONE_THREAD
+    if way == "max_steps":  # a folder that was moved (or copied) before it resumes, without OMP_NUM_THREADS:
+        run_dir = run_dir.rename(tmp_path / "moved")  # the resume takes the thread count of its checkpoint
+        env = {"OMP_NUM_THREADS": None}
+    resumed = train(run_dir, f"trainer.max_steps={TOTAL}", "ckpt_path=last", env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "not resumable" not in resumed.stderr + resumed.stdout
     assert_same_weights_and_ema(load_checkpoint(run_dir / "checkpoints" / "last.ckpt"),

@@ -111,6 +111,7 @@ def test_wandb_with_a_key_but_no_server_falls_back_to_offline(compose_cfg, monke
 
     from src.utils.loggers import finish_wandb
 
+    wandb.teardown()  # what earlier tests of this process set up
     start = time.monotonic()
     try:
         with caplog.at_level(logging.WARNING):
@@ -118,6 +119,7 @@ def test_wandb_with_a_key_but_no_server_falls_back_to_offline(compose_cfg, monke
         assert time.monotonic() - start < 60
         assert "W&B server unreachable" in caplog.text and "wandb sync" in caplog.text
         assert objects["run_config"]["logger"]["wandb"]["offline"] is True
+        assert objects["loggers"][0].experiment.settings.mode == "offline"
         finish_wandb(objects["loggers"])
     finally:
         wandb.teardown()  # wandb keeps the key it saw for the rest of the process

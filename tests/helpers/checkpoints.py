@@ -59,7 +59,10 @@ def run_whole_and_split(tmp_path: Path, common: list[str], total: int, split: in
     ckpts = {}
     for name, parts in runs.items():
         for extra in parts:
-            result = run_entry_point("src.train", *common, *extra, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
+            # two separate runs compute alike only with the same CPU thread count (a run's own resume keeps its
+            # count by itself, see src.utils.threads.keep_threads_of_run)
+            result = run_entry_point("src.train", *common, *extra, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path,
+                                     env={"OMP_NUM_THREADS": "1"})
             assert result.returncode == 0, result.stderr[-3000:]
         ckpts[name] = load_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt")
     return ckpts["whole"], ckpts["split"]

@@ -80,3 +80,21 @@ def test_cpus_busy_with_other_work_are_left_to_it(machine, monkeypatch):
 def test_busy_cpus_reads_proc_stat():
     busy = threads.busy_cpus(0.05)
     assert busy is None or 0.0 <= busy <= threads.usable_cpus() + 0.01
+
+
+def test_a_resumed_run_keeps_the_thread_count_of_its_checkpoint(monkeypatch):
+    import torch
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        threads.keep_threads_of_run(1)
+        assert torch.get_num_threads() == 1
+        threads.keep_threads_of_run(None)  # a checkpoint from before the count was recorded: unchanged
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        threads.keep_threads_of_run(3)  # the user's setting wins
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
