@@ -155,6 +155,13 @@ def test_a_held_folder_is_refused_and_a_stale_lock_taken_over(tmp_path, caplog):
     assert not (folder / LOCK_NAME).exists()
 
 
+def _text_or_empty(path):
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
 @pytest.mark.slow
 def test_a_second_training_in_a_busy_run_folder_stops_before_writing(tmp_path):
     run_dir = tmp_path / "run"
@@ -164,7 +171,9 @@ def test_a_second_training_in_a_busy_run_folder_stops_before_writing(tmp_path):
                              stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while not (run_dir / ".hydra" / "config.yaml").exists():
+        # the lock (with its owner) is taken at run start; Hydra writes overrides.yaml after config.yaml
+        while (f'"pid": {first.pid}' not in _text_or_empty(run_dir / LOCK_NAME)
+               or not _text_or_empty(run_dir / ".hydra" / "overrides.yaml")):
             assert first.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
         config = (run_dir / ".hydra" / "config.yaml").read_bytes()
