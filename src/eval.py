@@ -15,8 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.data.run_data import RunData
 from src.metrics.figures import interpolation_figure, progressive_figure
+from src.metrics.nfe_curve import nfe_curve
 from src.metrics.nll import nll_metric
-from src.metrics.sample_quality import evaluate_fid, get_samples, sample_quality
+from src.metrics.sample_quality import data_sample_metric, evaluate_fid, get_samples, sample_quality
 from src.utils.checkpoint import find_checkpoint, load_module
 from src.utils.device import resolve_device
 from src.utils.files import atomic_write_text
@@ -32,6 +33,7 @@ METRICS = {
     "fid": "FID (and IS, KID) of samples against the training set with torch-fidelity (paper: 50k samples)",
     "progressive": "predicted x0 along sampling chains as a grid (paper Fig. 6)",
     "interpolation": "interpolation of test images in the diffused latent x_t (paper Fig. 8)",
+    "nfe_curve": "sample quality against network evaluations for several samplers (the data's sample metric)",
 }
 
 
@@ -56,7 +58,26 @@ def run_metric(cfg: DictConfig, module, device: torch.device, out_dir: Path) -> 
     if cfg.metric == "interpolation":
         return interpolation_figure(module, data.loader(cfg.split), device, out_dir, split=cfg.split, rows=rows,
                                     columns=columns, interp_t=cfg.figure.interp_t, seed=seed)
+    if cfg.metric == "nfe_curve":
+        return nfe_curve_metric(cfg, module, device, data, out_dir)
     return sample_metric(cfg, module, device, data)
+
+
+def nfe_curve_metric(cfg: DictConfig, module, device: torch.device, data: RunData, out_dir: Path) -> dict:
+    """``metric=nfe_curve``: the data's sample metric for each sampler and NFE budget of ``cfg.nfe_curve``."""
+    curve = cfg.nfe_curve
+    metric = curve.metric if curve.metric != "auto" else data_sample_metric(data.config)
+
+    def score(samples: torch.Tensor, seed: int) -> dict:
+        if metric == "fid":
+            options = {k: v for k, v in OmegaConf.to_container(cfg.fid, resolve=True).items() if k != "samples"}
+            return evaluate_fid(samples, device=device, datamodule=data.datamodule, seed=seed, **options)
+        return sample_quality(metric, samples, data.config, seed=seed)
+
+    return nfe_curve(module, device, out_dir, score, metric, samplers=list(curve.samplers), nfe=list(curve.nfe),
+                     baseline=curve.baseline, seeds=list(curve.seeds), num_samples=int(cfg.num_samples),
+                     batch_size=int(cfg.sample_batch_size), precision=str(cfg.get("precision", "fp32")),
+                     progress=bool(cfg.progress))
 
 
 def sample_metric(cfg: DictConfig, module, device: torch.device, data: RunData) -> dict:

@@ -11,6 +11,9 @@ Tasks (configs/bench.yaml `tasks`), each timed in images/s:
   denoising-diffusion-pytorch: ``p_sample_loop``).
 - ``sample_ddim``: ``ddim_steps`` DDIM steps over T=num_timesteps (ours: the ``DDIM`` sampler; diffusers:
   ``DDIMScheduler`` loop with eta=0; denoising-diffusion-pytorch: ``ddim_sample``).
+- ``sample_dpmpp``: ``dpmpp_steps`` DPM-Solver++(2M) steps over T=num_timesteps (ours: the ``DPMSolverPP2M``
+  sampler; diffusers: the ``DPMSolverMultistepScheduler`` loop, dpmsolver++ order 2; denoising-diffusion-pytorch
+  has none: its record says so).
 
 Settings: ``same_precision`` (both sides in ``precision``: fp32 on CPU, bf16 autocast on CUDA by default, and
 the same plain Adam) and ``defaults`` (ours as it runs by default, bf16 autocast where the device runs it and

@@ -27,7 +27,8 @@ PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
 ]
 
 # the size setting that counts a task's steps (train: optimizer steps per round; sampling: network evaluations)
-TASK_STEPS = {"train": "train_steps", "sample_ddpm": "sample_steps", "sample_ddim": "ddim_steps"}
+TASK_STEPS = {"train": "train_steps", "sample_ddpm": "sample_steps", "sample_ddim": "ddim_steps",
+              "sample_dpmpp": "dpmpp_steps"}
 TASKS = tuple(TASK_STEPS)
 
 # every record has these keys, in this order; null where they do not apply
@@ -76,7 +77,8 @@ def images_per_round(task: str, sz: dict[str, int]) -> int:
 def flops_per_image(task: str, fwd: int | None, sz: dict[str, int]) -> int | None:
     if fwd is None:
         return None
-    return {"train": 3 * fwd, "sample_ddpm": sz["sample_steps"] * fwd, "sample_ddim": sz["ddim_steps"] * fwd}[task]
+    # train: forward + backward = 3 forwards; a sampler: one forward per network evaluation
+    return 3 * fwd if task == "train" else sz[TASK_STEPS[task]] * fwd
 
 
 def levers_used(side: Side, cfg: DictConfig, levers: bool) -> dict[str, Any]:

@@ -33,6 +33,7 @@ SIZES: dict[str, tuple[int, int]] = {
     "warmup": (2, 1),
     "sample_steps": (1000, 10),
     "ddim_steps": (50, 5),
+    "dpmpp_steps": (10, 3),
     "train_steps": (2, 1),
 }
 
@@ -103,6 +104,7 @@ def measure(cfg: DictConfig, sides: list[Side], task: str, setting: str, prec: d
             device: torch.device, forward_flops: int | None) -> Measurement:
     """Time ``task`` on every side in interleaved rounds; on a CPU the train task's memory comes from
     ``cpu_train_peaks`` (unless ``cpu_memory=false``)."""
+    sides = [s for s in sides if task in s.runs]  # a peer without this sampler sits it out
     times, peak = time_interleaved(sides, task, sz["repeats"], sz["warmup"], device)
     if task == "train" and device.type == "cpu" and bool(cfg.get("cpu_memory", True)):
         peak = cpu_train_peaks(cfg, sz, prec, [s.name for s in sides])
@@ -124,10 +126,13 @@ def bench_setting(cfg: DictConfig, setting: str, prec: dict[str, Any], tasks: li
     records = []
     for task in tasks:
         m = measure(cfg, sides, task, setting, prec, sz, device, fwd)
-        records += [make_record(name, sz, peer, m) for peer in peers]
+        ran = [s.name for s in sides[1:] if task in s.runs]
+        records += [make_record(name, sz, peer, m) for peer in ran]
+        records += [make_record(name, sz, peer, note=f"{peer} has no {task} sampler") | {"task": task,
+                    "setting": setting} for peer in peers if peer not in ran]
         if not peers:
             records.append(make_record(name, sz, None, m, note="no peer ran"))
-        log.info("%s/%s done: %s img/s", setting, task, {s.name: round(m.rate(s.name), 3) for s in sides})
+        log.info("%s/%s done: %s img/s", setting, task, {n: round(m.rate(n), 3) for n in m.times})
     return records
 
 

@@ -229,13 +229,15 @@ class GaussianDiffusion:
         return output.chunk(2, dim=1)
 
     def predictions(self, model_out: Tensor, var_out: Tensor | None, x_t: Tensor, t: Tensor,
-                    clip_denoised: bool) -> dict[str, Tensor]:
+                    clip_denoised: bool | Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
         """Moments of p_theta(x_{t-1} | x_t) from the split network output (see ``p_mean_variance``): the
         parameterization gives x0, eps (from the unclipped x0) and the mean (from the clipped one)."""
         kind = self.parameterization
         pred_x0 = kind.to_x0(self, model_out, x_t, t)
         pred_eps = kind.to_eps(self, model_out, pred_x0, x_t, t)
-        if clip_denoised:
+        if callable(clip_denoised):  # a rule of its own, e.g. dynamic thresholding (solvers.DynamicThreshold)
+            pred_x0 = clip_denoised(pred_x0)
+        elif clip_denoised:
             pred_x0 = pred_x0.clamp(-1.0, 1.0)
         mean = kind.to_mean(self, model_out, pred_x0, x_t, t)
         variance, log_variance = self._reverse_variance(var_out, x_t, t)

@@ -16,6 +16,7 @@ References: respacing follows improved DDPM (Nichol & Dhariwal 2021, respace.py)
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,10 +24,11 @@ import torch
 from torch import Tensor
 
 from src.diffusion.gaussian_diffusion import GaussianDiffusion, Model, _model_device, randn
+from src.diffusion.solvers import Denoiser, DynamicThreshold, dpmpp_2m_sample, heun_sample, spaced_indices, unipc_sample
 from src.utils.progress import track
 
 __all__ = ["space_timesteps", "respace", "RespacedModel", "ddpm_sample", "ddim_sample", "resolve_timesteps",
-           "Sampler", "Ancestral", "DDIM"]
+           "Sampler", "Ancestral", "DDIM", "DPMSolverPP2M", "DPMSolverPP2MSDE", "UniPC", "Heun"]
 
 
 def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int]) -> list[int]:
@@ -268,11 +270,28 @@ class Sampler:
 
     ``model(x_t, t)`` is called with 0-based t as everywhere else; ``x_T`` (B, ...) is the starting noise and
     ``generator`` drives every later noise draw. ``check`` raises a ValueError naming the config key when the
-    settings do not fit ``diffusion``; entry points call it right after loading a checkpoint.
+    settings do not fit ``diffusion``; entry points call it right after loading a checkpoint. ``nfe`` is the number
+    of network evaluations per sample and ``with_nfe`` a copy that spends (at most) a given number.
     """
 
     def check(self, diffusion: GaussianDiffusion) -> None:
         """Refuse settings that do not fit ``diffusion`` (nothing to check here)."""
+
+    def nfe(self, diffusion: GaussianDiffusion) -> int:
+        """Network evaluations per sample on ``diffusion``."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how many network evaluations it makes")
+
+    def with_nfe(self, nfe: int) -> Sampler:
+        """A copy that makes ``nfe`` network evaluations (one per step, unless the sampler says otherwise)."""
+        return dataclasses.replace(self, steps=int(nfe))
+
+    def x0_rule(self, clip_denoised: bool):
+        """What happens to each predicted x0: the sampler's dynamic threshold when it has one (``threshold``, a
+        percentile), else clipping to [-1, 1] when ``clip_denoised``."""
+        percentile = getattr(self, "threshold", None)
+        if percentile is None:
+            return clip_denoised
+        return DynamicThreshold(percentile, getattr(self, "threshold_max", None))
 
     def __call__(self, model: Model, diffusion: GaussianDiffusion, x_T: Tensor,
                  generator: torch.Generator | None = None, progress: bool = False,
@@ -286,11 +305,17 @@ class Ancestral(Sampler):
     (an int count or a section string such as ``"10,15,20"`` / ``"ddim25"``; a list is section counts)."""
 
     steps: int | str | Sequence[int] | None = None
+    threshold: float | None = None  # dynamic thresholding of x0 at this percentile (Sampler.x0_rule); null: clip
+    threshold_max: float | None = None
 
     def __post_init__(self) -> None:
         self.steps = _config_steps(self.steps)
 
+    def nfe(self, diffusion: GaussianDiffusion) -> int:
+        return len(_kept_steps(self.steps, diffusion.num_timesteps))
+
     def check(self, diffusion: GaussianDiffusion) -> None:
+        self.x0_rule(True)  # checks the threshold settings
         kept = _kept_steps(self.steps, diffusion.num_timesteps)
         if len(kept) < 2:
             raise ValueError(f"sampler.steps={self.steps!r} keeps {len(kept)} step; ancestral sampling needs at "
@@ -302,7 +327,7 @@ class Ancestral(Sampler):
                  clip_denoised: bool = True) -> Tensor:
         self.check(diffusion)
         return ddpm_sample(diffusion, model, tuple(x_T.shape), steps=self.steps, generator=generator,
-                           progress=progress, clip_denoised=clip_denoised, device=x_T.device, x_T=x_T)
+                           progress=progress, clip_denoised=self.x0_rule(clip_denoised), device=x_T.device, x_T=x_T)
 
 
 @dataclass
@@ -312,13 +337,29 @@ class DDIM(Sampler):
 
     steps: int | str | Sequence[int] | None = 50
     eta: float = 0.0
+    # null: the DDIM code's uniform stride (range(0, T, T // steps) when it gives exactly `steps`); or one of
+    # solvers.SPACINGS (uniform = trailing, quadratic, logsnr, karras), as for the other ODE solvers
+    spacing: str | None = None
+    threshold: float | None = None  # dynamic thresholding of x0 at this percentile (Sampler.x0_rule); null: clip
+    threshold_max: float | None = None
 
     def __post_init__(self) -> None:
         self.steps = _config_steps(self.steps)
         self.eta = float(self.eta)
 
+    def _timesteps(self, diffusion: GaussianDiffusion) -> list[int] | None:
+        if self.spacing is None:
+            return None
+        return sorted(spaced_indices(diffusion.alphas_cumprod, _solver_steps(self.steps), self.spacing))
+
+    def nfe(self, diffusion: GaussianDiffusion) -> int:
+        timesteps = self._timesteps(diffusion)
+        return len(timesteps) if timesteps is not None else len(_kept_steps(self.steps, diffusion.num_timesteps))
+
     def check(self, diffusion: GaussianDiffusion) -> None:
-        _kept_steps(self.steps, diffusion.num_timesteps)
+        self.x0_rule(True)
+        if self._timesteps(diffusion) is None:
+            _kept_steps(self.steps, diffusion.num_timesteps)
         if not self.eta >= 0:
             raise ValueError(f"sampler.eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {self.eta}")
 
@@ -327,4 +368,88 @@ class DDIM(Sampler):
                  clip_denoised: bool = True) -> Tensor:
         self.check(diffusion)
         return ddim_sample(diffusion, model, tuple(x_T.shape), steps=self.steps, eta=self.eta, generator=generator,
-                           progress=progress, clip_denoised=clip_denoised, device=x_T.device, x_T=x_T)
+                           progress=progress, clip_denoised=self.x0_rule(clip_denoised), device=x_T.device, x_T=x_T,
+                           timesteps=self._timesteps(diffusion))
+
+
+def _solver_steps(steps) -> int:
+    """``sampler.steps`` of a spaced solver: a positive integer (a count of noise levels)."""
+    if isinstance(steps, str) and steps.strip().isdigit():
+        steps = int(steps)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"sampler.steps={steps!r} must be a positive integer with a sampler.spacing (the number of "
+                         "noise levels); section strings such as '10,15,20' go with spacing=null")
+    return steps
+
+
+
+# ------------------------------------------------------------------ fast ODE/SDE solvers (src.diffusion.solvers)
+@dataclass
+class _Spaced(Sampler):
+    """A solver over ``steps`` noise levels spread by ``spacing`` (solvers.SPACINGS), then a jump to sigma = 0."""
+
+    steps: int = 20
+    spacing: str = "uniform"  # the most robust from 5 to 50 NFE on digits (README, Sampling)
+    threshold: float | None = None  # dynamic thresholding of x0 at this percentile (Sampler.x0_rule); null: clip
+    threshold_max: float | None = None
+
+    def indices(self, diffusion: GaussianDiffusion) -> list[int]:
+        return spaced_indices(diffusion.alphas_cumprod, _solver_steps(self.steps), self.spacing)
+
+    def nfe(self, diffusion: GaussianDiffusion) -> int:
+        return len(self.indices(diffusion))
+
+    def check(self, diffusion: GaussianDiffusion) -> None:
+        self.x0_rule(True)
+        self.indices(diffusion)
+
+    def __call__(self, model: Model, diffusion: GaussianDiffusion, x_T: Tensor,
+                 generator: torch.Generator | None = None, progress: bool = False,
+                 clip_denoised: bool = True) -> Tensor:
+        self.check(diffusion)
+        denoise = Denoiser(model, diffusion, self.x0_rule(clip_denoised))
+        return self.solve(denoise, diffusion, x_T, self.indices(diffusion), generator, progress)
+
+    def solve(self, denoise: Denoiser, diffusion: GaussianDiffusion, x_T: Tensor, indices: list[int],
+              generator: torch.Generator | None, progress: bool) -> Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class DPMSolverPP2M(_Spaced):
+    """DPM-Solver++(2M) (Lu et al. 2022b): multistep, second order, data prediction; ``steps`` evaluations."""
+
+    def solve(self, denoise, diffusion, x_T, indices, generator, progress):
+        return dpmpp_2m_sample(denoise, diffusion, x_T, indices, progress=progress)
+
+
+@dataclass
+class DPMSolverPP2MSDE(_Spaced):
+    """DPM-Solver++(2M) SDE (midpoint, eta = 1): the stochastic variant; its noise comes from ``generator``."""
+
+    def solve(self, denoise, diffusion, x_T, indices, generator, progress):
+        return dpmpp_2m_sample(denoise, diffusion, x_T, indices, sde=True, generator=generator, progress=progress)
+
+
+@dataclass
+class UniPC(_Spaced):
+    """UniPC-bh2 (Zhao et al. 2023), order 2, predictor-corrector at no extra evaluation; ``steps`` evaluations."""
+
+    def solve(self, denoise, diffusion, x_T, indices, generator, progress):
+        return unipc_sample(denoise, diffusion, x_T, indices, progress=progress)
+
+
+@dataclass
+class Heun(_Spaced):
+    """EDM's deterministic Heun (Karras et al. 2022, Alg. 1): ``steps`` noise levels, 2 steps - 1 evaluations."""
+
+    steps: int = 10
+
+    def nfe(self, diffusion: GaussianDiffusion) -> int:
+        return 2 * len(self.indices(diffusion)) - 1
+
+    def with_nfe(self, nfe: int) -> Sampler:
+        return dataclasses.replace(self, steps=max(1, (int(nfe) + 1) // 2))
+
+    def solve(self, denoise, diffusion, x_T, indices, generator, progress):
+        return heun_sample(denoise, diffusion, x_T, indices, progress=progress)

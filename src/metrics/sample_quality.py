@@ -64,6 +64,16 @@ def sliced_wasserstein(samples: torch.Tensor, data_config: Mapping[str, Any], se
 SAMPLE_METRICS = {"fd_digits_classifier": classifier_fd, "swd": sliced_wasserstein}
 
 
+def data_sample_metric(data_config: Mapping[str, Any]) -> str:
+    """The sample metric that fits a run's data: the digits classifier FD on digits, SWD on toy 2-D data, else FID."""
+    target = str(data_config.get("_target_", ""))
+    if target.endswith("DigitsDataModule"):
+        return "fd_digits_classifier"
+    if target.endswith("Toy2DDataModule"):
+        return "swd"
+    return "fid"
+
+
 def sample_quality(metric: str, samples: torch.Tensor, data_config: Mapping[str, Any], *, seed: int = 0,
                    sampling_seconds: float = 0.0) -> dict[str, float]:
     """``metric`` (a key of ``SAMPLE_METRICS``) of ``samples`` of a model of the data ``data_config`` builds."""

@@ -264,7 +264,7 @@ def test_sampler_configs_instantiate_the_classes():
     # a list means section counts, as the string does
     assert instantiate(OmegaConf.create({"_target_": "src.diffusion.samplers.Ancestral", "steps": [3, 4]})).steps \
         == "3,4"
-    assert repr(ddim) == "DDIM(steps=50, eta=0.0)"  # what src.sample logs
+    assert repr(ddim) == "DDIM(steps=50, eta=0.0, spacing=None, threshold=None, threshold_max=None)"  # logged
 
 
 @pytest.mark.parametrize(("sampler", "function", "kwargs"), [

@@ -10,11 +10,11 @@ from omegaconf import OmegaConf
 
 from tests.helpers import ROOT, run_entry_point
 
-TASKS = {"train", "sample_ddpm", "sample_ddim"}
+TASKS = {"train", "sample_ddpm", "sample_ddim", "sample_dpmpp"}
 SETTINGS = {"same_precision", "defaults"}
 # a tiny U-Net (ch=32, the peers follow it) and the smallest chains: seconds on a CPU
-SMALL = ["quick=true", "batch_size=2", "sample_steps=3", "ddim_steps=2", "repeats=1", "warmup=0", "model.ch=32",
-         "device=cpu"]
+SMALL = ["quick=true", "batch_size=2", "sample_steps=3", "ddim_steps=2", "dpmpp_steps=2", "repeats=1", "warmup=0",
+         "model.ch=32", "device=cpu"]
 
 
 def _run(tmp_path, *extra: str) -> list[dict]:
@@ -58,8 +58,13 @@ def test_bench_with_peers(tmp_path):
     if importlib.util.find_spec("denoising_diffusion_pytorch") is not None:
         peers.append("denoising_diffusion_pytorch")
     records = _run(tmp_path, f"peers=[{','.join(peers)},no_such_peer]", "settings=[same_precision]")
-    timed = [r for r in records if r["task"] is not None]
-    assert {(r["task"], r["peer"]) for r in timed} == {(t, p) for t in TASKS for p in peers}
+    timed = [r for r in records if r["task"] is not None and r["theirs"] is not None]
+    # denoising-diffusion-pytorch has no DPM-Solver: its sample_dpmpp record says so, untimed
+    absent = {("sample_dpmpp", "denoising_diffusion_pytorch")} & {("sample_dpmpp", p) for p in peers}
+    assert {(r["task"], r["peer"]) for r in timed} == {(t, p) for t in TASKS for p in peers} - absent
+    untimed = [r for r in records if r["task"] is not None and r["theirs"] is None]
+    assert {(r["task"], r["peer"]) for r in untimed} == absent
+    assert all("has no sample_dpmpp sampler" in r["note"] for r in untimed)
     for r in timed:
         _check_record(r)
         assert r["theirs"] > 0
@@ -84,10 +89,12 @@ def test_quick_flag_and_paper_config():
     from src.bench.run import resolve_sizes
     from src.bench.sides import diffusers_unet_config
 
-    base = dict(batch_size=None, repeats=None, warmup=None, sample_steps=None, ddim_steps=None, train_steps=None)
+    base = dict(batch_size=None, repeats=None, warmup=None, sample_steps=None, ddim_steps=None, dpmpp_steps=None,
+                train_steps=None)
     full = resolve_sizes(OmegaConf.create({**base, "quick": False}))
     quick = resolve_sizes(OmegaConf.create({**base, "quick": True}))
     assert (full["batch_size"], full["sample_steps"], full["ddim_steps"], full["repeats"]) == (128, 1000, 50, 5)
+    assert (full["dpmpp_steps"], quick["dpmpp_steps"]) == (10, 3)
     assert (quick["batch_size"], quick["sample_steps"], quick["ddim_steps"], quick["repeats"]) == (4, 10, 5, 2)
     assert resolve_sizes(OmegaConf.create({**base, "quick": True, "batch_size": 7}))["batch_size"] == 7
 

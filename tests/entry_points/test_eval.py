@@ -120,6 +120,32 @@ def test_digits_classifier_fd_through_the_entry_point(digits_checkpoint, tmp_pat
 
 
 @pytest.mark.slow
+def test_nfe_curve_writes_a_row_per_point_and_seed_and_a_plot(digits_checkpoint, tmp_path):
+    out = tmp_path / "nfe"
+    summary = evaluate_in_process(digits_checkpoint, out, "metric=nfe_curve", "nfe_curve.samplers=[ddim,dpmpp_2m,heun]",
+                                  "nfe_curve.nfe=[3,6]", "nfe_curve.seeds=[0,1]", "num_samples=12",
+                                  "sample_batch_size=12", "logger=csv")
+    with open(out / "nfe_curve.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == (3 * 2 + 1) * 2  # every sampler at every budget, then 50-step DDPM; two seeds each
+    nfes = {(r["sampler"], int(r["nfe"])) for r in rows}
+    assert nfes == {("ddim", 3), ("ddim", 6), ("dpmpp_2m", 3), ("dpmpp_2m", 6), ("heun", 3), ("heun", 5),
+                    ("ddpm", 50)}  # heun spends 2 steps - 1: 5 within a budget of 6
+    assert all(float(r["value"]) > float(r["floor"]) > 0 for r in rows)
+    assert summary["sample_metric"] == "fd_digits_classifier" and summary["seeds"] == [0, 1]
+    mean = sum(float(r["value"]) for r in rows if r["sampler"] == "heun" and r["nfe"] == "5") / 2
+    assert summary["heun@5"] == pytest.approx(mean)
+    assert (out / "nfe_curve.png").stat().st_size > 1000
+    logged = (out / "csv" / "metrics.csv").read_text()
+    assert "eval/dpmpp_2m@6" in logged and "eval/real_floor" in logged
+
+
+def test_nfe_curve_names_an_unknown_sampler(digits_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="'dpm_fast' is not a sampler config; known: .*dpmpp_2m"):
+        evaluate_in_process(digits_checkpoint, tmp_path / "x", "metric=nfe_curve", "nfe_curve.samplers=[dpm_fast]")
+
+
+@pytest.mark.slow
 def test_swd_on_a_toy_model(tmp_path):
     run_dir = tmp_path / "toy"
     result = run_entry_point("src.train", *TINY, "experiment=toy2d", "callbacks.sample_grid=null",
