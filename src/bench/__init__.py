@@ -13,7 +13,8 @@ Tasks (configs/bench.yaml `tasks`), each timed in images/s:
   ``DDIMScheduler`` loop with eta=0; denoising-diffusion-pytorch: ``ddim_sample``).
 - ``sample_dpmpp``: ``dpmpp_steps`` DPM-Solver++(2M) steps over T=num_timesteps (ours: the ``DPMSolverPP2M``
   sampler; diffusers: the ``DPMSolverMultistepScheduler`` loop, dpmsolver++ order 2; denoising-diffusion-pytorch
-  has none: its record says so).
+  has none: its record says so). The peer ``diffusers_scheduler`` drives *our* U-Net with diffusers' DDIM and
+  DPM-Solver++ scheduler loops (sampling tasks only), so its ratio is the sampling loop's own cost.
 
 Settings: ``same_precision`` (both sides in ``precision``: fp32 on CPU, bf16 autocast on CUDA by default, and
 the same plain Adam) and ``defaults`` (ours as it runs by default, bf16 autocast where the device runs it and

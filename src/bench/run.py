@@ -128,7 +128,7 @@ def bench_setting(cfg: DictConfig, setting: str, prec: dict[str, Any], tasks: li
         m = measure(cfg, sides, task, setting, prec, sz, device, fwd)
         ran = [s.name for s in sides[1:] if task in s.runs]
         records += [make_record(name, sz, peer, m) for peer in ran]
-        records += [make_record(name, sz, peer, note=f"{peer} has no {task} sampler") | {"task": task,
+        records += [make_record(name, sz, peer, note=f"{peer} has no {task} run") | {"task": task,
                     "setting": setting} for peer in peers if peer not in ran]
         if not peers:
             records.append(make_record(name, sz, None, m, note="no peer ran"))

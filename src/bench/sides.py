@@ -22,7 +22,7 @@ from src.utils.sampling import sample_batch
 
 log = logging.getLogger(__name__)
 
-KNOWN_PEERS = ("diffusers", "denoising_diffusion_pytorch")
+KNOWN_PEERS = ("diffusers", "denoising_diffusion_pytorch", "diffusers_scheduler")
 
 
 @dataclass
@@ -225,7 +225,37 @@ def build_ddp(cfg: DictConfig, sz: dict[str, int], device: torch.device, precisi
     return side
 
 
-PEER_BUILDERS = {"diffusers": build_diffusers, "denoising_diffusion_pytorch": build_ddp}
+def build_diffusers_scheduler(cfg: DictConfig, sz: dict[str, int], device: torch.device, precision: str) -> Side:
+    """diffusers' DDIM and DPM-Solver++ scheduler loops driving *our* U-Net (the same weights as ours: both built
+    from the seed), so the ratio is the sampling loop's own cost, the network being the same."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    from hydra.utils import instantiate
+
+    torch.manual_seed(int(cfg.seed))
+    model = instantiate(cfg.model).to(device)
+    side = Side("diffusers_scheduler", model, precision)
+    S, C, B, T = int(cfg.image_size), int(cfg.in_channels), sz["batch_size"], int(cfg.num_timesteps)
+    ddim_sched = DDIMScheduler(num_train_timesteps=T, beta_schedule="linear")
+    dpmpp_sched = DPMSolverMultistepScheduler(num_train_timesteps=T, beta_schedule="linear",
+                                              algorithm_type="dpmsolver++", solver_order=2)
+
+    def loop(sched: Any, steps: int, **step_kw: Any) -> Tensor:
+        model.eval()
+        with torch.no_grad(), precision_ctx(precision, device):
+            x = torch.randn(B, C, S, S, device=device)
+            sched.set_timesteps(steps)
+            for t in sched.timesteps:
+                out = model(x, t.to(device).expand(B))
+                x = sched.step(out, t, x, **step_kw).prev_sample
+            return x
+
+    side.runs["sample_ddim"] = lambda: loop(ddim_sched, sz["ddim_steps"], eta=0.0)
+    side.runs["sample_dpmpp"] = lambda: loop(dpmpp_sched, sz["dpmpp_steps"])
+    return side
+
+
+PEER_BUILDERS = {"diffusers": build_diffusers, "denoising_diffusion_pytorch": build_ddp,
+                 "diffusers_scheduler": build_diffusers_scheduler}
 
 
 def build_sides(cfg: DictConfig, sz: dict[str, int], device: torch.device, prec: dict[str, Any],

@@ -312,3 +312,32 @@ def test_the_sde_solver_is_reproducible_from_its_generator():
     b = sampler(model, diffusion, x_T, generator=torch.Generator().manual_seed(5))
     c = sampler(model, diffusion, x_T, generator=torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("threshold", [None, 0.995])
+def test_guided_dpmpp_2m_stays_finite_and_in_range(threshold):
+    """Classifier-free guidance at scale 3 pushes x0 out of range; the solver's x0 rule (clipping or dynamic
+    thresholding) keeps every step's data prediction, and so the samples, in [-1, 1]."""
+    from src.diffusion.guidance import conditional_model
+    from src.models.unet import UNet
+
+    torch.manual_seed(0)
+    net = UNet(in_channels=1, resolution=8, ch=16, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4],
+               dropout=0.0, num_groups=8, num_classes=10).eval()
+    diffusion = create_diffusion(num_timesteps=1000)
+    labels = torch.arange(8) % 10
+    seen = []
+    sampler = DPMSolverPP2M(steps=20, threshold=threshold)
+    rule = sampler.x0_rule(True)
+
+    def recording(x0):
+        out = rule(x0) if callable(rule) else x0.clamp(-1, 1)
+        seen.append((x0.abs().max().item(), out.abs().max().item()))
+        return out
+
+    sampler.x0_rule = lambda clip: recording
+    with torch.no_grad():
+        out = sampler(conditional_model(net, labels, 3.0), diffusion, torch.randn(8, 1, 8, 8))
+    assert torch.isfinite(out).all() and out.abs().max() <= 1.0 + 1e-6
+    assert len(seen) == 20 and all(after <= 1.0 + 1e-6 for _, after in seen)
+    assert max(before for before, _ in seen) > 1.0  # guidance did push x0 out of range

@@ -54,17 +54,18 @@ def test_bench_ours_only(tmp_path):
 
 def test_bench_with_peers(tmp_path):
     pytest.importorskip("diffusers")
-    peers = ["diffusers"]
+    peers = ["diffusers", "diffusers_scheduler"]
     if importlib.util.find_spec("denoising_diffusion_pytorch") is not None:
         peers.append("denoising_diffusion_pytorch")
     records = _run(tmp_path, f"peers=[{','.join(peers)},no_such_peer]", "settings=[same_precision]")
     timed = [r for r in records if r["task"] is not None and r["theirs"] is not None]
-    # denoising-diffusion-pytorch has no DPM-Solver: its sample_dpmpp record says so, untimed
-    absent = {("sample_dpmpp", "denoising_diffusion_pytorch")} & {("sample_dpmpp", p) for p in peers}
+    # denoising-diffusion-pytorch has no DPM-Solver; diffusers' scheduler loops on our U-Net only sample
+    absent = {("sample_dpmpp", "denoising_diffusion_pytorch"), ("train", "diffusers_scheduler"),
+              ("sample_ddpm", "diffusers_scheduler")} & {(t, p) for t in TASKS for p in peers}
     assert {(r["task"], r["peer"]) for r in timed} == {(t, p) for t in TASKS for p in peers} - absent
     untimed = [r for r in records if r["task"] is not None and r["theirs"] is None]
     assert {(r["task"], r["peer"]) for r in untimed} == absent
-    assert all("has no sample_dpmpp sampler" in r["note"] for r in untimed)
+    assert all(f"has no {r['task']} run" in r["note"] for r in untimed)
     for r in timed:
         _check_record(r)
         assert r["theirs"] > 0
@@ -77,6 +78,8 @@ def test_bench_with_peers(tmp_path):
                 assert isinstance(mem[side], int) and mem[side] >= 5 * 4 * r["params"][side], (side, mem)
         else:
             assert mem == {"ours": None, "theirs": None}
+    same_net = next(r for r in timed if r["peer"] == "diffusers_scheduler" and r["task"] == "sample_dpmpp")
+    assert same_net["params"]["ours"] == same_net["params"]["theirs"]  # our U-Net on both sides
     diffusers_train = next(r for r in timed if r["peer"] == "diffusers" and r["task"] == "train")
     # the diffusers model is built from our model node: the same architecture, the same parameter count
     assert diffusers_train["params"]["ours"] == diffusers_train["params"]["theirs"]
