@@ -114,24 +114,16 @@ def build_ours(cfg: DictConfig, sz: dict[str, int], device: torch.device, precis
     # DPM-Solver++(2M) at the peer's default spacing (diffusers' "linspace" is about our trailing "uniform")
     dpmpp = DPMSolverPP2M(steps=sz["dpmpp_steps"], spacing="uniform")
 
-    def sample_ddpm() -> Tensor:
-        model.eval()
-        with inference(grad_mode), ctx():
-            return sample_batch(ancestral, model, chain, shape, device=device)
+    def sampling(sampler: Any, process: Any) -> Callable[[], Tensor]:
+        def run() -> Tensor:
+            model.eval()
+            with inference(grad_mode), ctx():
+                return sample_batch(sampler, model, process, shape, device=device)
+        return run
 
-    def sample_ddim() -> Tensor:
-        model.eval()
-        with inference(grad_mode), ctx():
-            return sample_batch(ddim, model, diffusion, shape, device=device)
-
-    def sample_dpmpp() -> Tensor:
-        model.eval()
-        with inference(grad_mode), ctx():
-            return sample_batch(dpmpp, model, diffusion, shape, device=device)
-
-    side.runs["sample_ddpm"] = sample_ddpm
-    side.runs["sample_ddim"] = sample_ddim
-    side.runs["sample_dpmpp"] = sample_dpmpp
+    side.runs["sample_ddpm"] = sampling(ancestral, chain)
+    side.runs["sample_ddim"] = sampling(ddim, diffusion)
+    side.runs["sample_dpmpp"] = sampling(dpmpp, diffusion)
     return side
 
 
