@@ -368,7 +368,7 @@ def test_bench_gives_ours_the_levers_only_in_the_defaults_setting(tmp_path):
 
     cfg = compose_config(["model.ch=8", "model.num_groups=4", "channels_last=true", "device=cpu"], tmp_path,
                          config_name="bench")
-    sizes = {"batch_size": 2, "train_steps": 1, "sample_steps": 2, "ddim_steps": 2}
+    sizes = {"batch_size": 2, "train_steps": 1, "sample_steps": 2, "ddim_steps": 2, "dpmpp_steps": 2}
     plain = build_ours(cfg, sizes, torch.device("cpu"), "fp32", "no_grad", levers=False)
     tuned = build_ours(cfg, sizes, torch.device("cpu"), "fp32", "inference_mode", levers=True)
     assert levers_used(plain, cfg, False) == {"adam": "torch default", "compile": False, "channels_last": False}
