@@ -84,8 +84,8 @@ SHRINK = {
     "src.sample": ["num_samples=4", "batch_size=4"],
     "src.eval": ["num_samples=8", "sample_batch_size=8", "num_batches=1", "batch_size=8", "figure.rows=2",
                  "fid.max_reference=8", "fid.batch_size=8", "nfe_curve.nfe=[2,4]"],
-    "src.bench": ["batch_size=2", "sample_steps=3", "ddim_steps=2", "repeats=1", "warmup=0", "model.ch=32",
-                  "device=cpu", "cpu_memory=false"],
+    "src.bench": ["batch_size=2", "sample_steps=3", "ddim_steps=2", "dpmpp_steps=2", "repeats=1", "warmup=0",
+                  "model.ch=32", "device=cpu", "cpu_memory=false"],
     "src.convert": [],
 }
 # the image-folder example trains the paper-size U-Net at 64x64: narrower, and small batches
