@@ -235,10 +235,7 @@ class GaussianDiffusion:
         kind = self.parameterization
         pred_x0 = kind.to_x0(self, model_out, x_t, t)
         pred_eps = kind.to_eps(self, model_out, pred_x0, x_t, t)
-        if callable(clip_denoised):  # a rule of its own, e.g. dynamic thresholding (solvers.DynamicThreshold)
-            pred_x0 = clip_denoised(pred_x0)
-        elif clip_denoised:
-            pred_x0 = pred_x0.clamp(-1.0, 1.0)
+        pred_x0 = apply_x0_rule(pred_x0, clip_denoised)
         mean = kind.to_mean(self, model_out, pred_x0, x_t, t)
         variance, log_variance = self._reverse_variance(var_out, x_t, t)
         return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_x0": pred_x0,
@@ -413,6 +410,14 @@ class GaussianDiffusion:
         prior = self.prior_bpd(x0)
         total = terms.sum(dim=1) + prior
         return {"total": total, "prior": prior, "terms": terms, "mse": mse, "eps_mse": eps_mse}
+
+
+def apply_x0_rule(x0: Tensor, rule: bool | Callable[[Tensor], Tensor]) -> Tensor:
+    """A predicted x0 under ``rule``: a callable of its own (e.g. solvers.DynamicThreshold), clipping to [-1, 1]
+    (True) or nothing (False)."""
+    if callable(rule):
+        return rule(x0)
+    return x0.clamp(-1.0, 1.0) if rule else x0
 
 
 def randn(shape: tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | str | None = None,

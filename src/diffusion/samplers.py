@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -419,16 +420,17 @@ class _Spaced(Sampler):
 class DPMSolverPP2M(_Spaced):
     """DPM-Solver++(2M) (Lu et al. 2022b): multistep, second order, data prediction; ``steps`` evaluations."""
 
+    sde: ClassVar[bool] = False
+
     def solve(self, denoise, diffusion, x_T, indices, generator, progress):
-        return dpmpp_2m_sample(denoise, diffusion, x_T, indices, progress=progress)
+        return dpmpp_2m_sample(denoise, diffusion, x_T, indices, sde=self.sde, generator=generator, progress=progress)
 
 
 @dataclass
-class DPMSolverPP2MSDE(_Spaced):
+class DPMSolverPP2MSDE(DPMSolverPP2M):
     """DPM-Solver++(2M) SDE (midpoint, eta = 1): the stochastic variant; its noise comes from ``generator``."""
 
-    def solve(self, denoise, diffusion, x_T, indices, generator, progress):
-        return dpmpp_2m_sample(denoise, diffusion, x_T, indices, sde=True, generator=generator, progress=progress)
+    sde: ClassVar[bool] = True
 
 
 @dataclass

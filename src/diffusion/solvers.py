@@ -31,7 +31,7 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
-from src.diffusion.gaussian_diffusion import GaussianDiffusion, Model, randn
+from src.diffusion.gaussian_diffusion import GaussianDiffusion, Model, apply_x0_rule, randn
 from src.utils.progress import track
 
 __all__ = ["SPACINGS", "spaced_indices", "DynamicThreshold", "Denoiser", "dpmpp_2m_sample", "unipc_sample",
@@ -140,10 +140,7 @@ class Denoiser:
         t = torch.full((x.shape[0],), index, device=x.device, dtype=torch.long)
         output, _ = self.diffusion.split_output(self.model(x, t), x)
         self.nfe += 1
-        x0 = self.diffusion.parameterization.to_x0(self.diffusion, output, x, t)
-        if callable(self.clip_denoised):
-            return self.clip_denoised(x0)
-        return x0.clamp(-1.0, 1.0) if self.clip_denoised else x0
+        return apply_x0_rule(self.diffusion.parameterization.to_x0(self.diffusion, output, x, t), self.clip_denoised)
 
 
 # ------------------------------------------------------------------ solvers
