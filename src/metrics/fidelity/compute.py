@@ -81,8 +81,11 @@ def compute_fidelity(
     """FID (``fid``), Inception Score (``isc_mean``, ``isc_std``) and KID (``kid_mean``, ``kid_std``).
 
     Args:
-        samples: uint8 images (N, H, W, C) or (N, C, H, W) as array/tensor, a folder of PNGs or a ``.npz``
-            with key ``samples``. One channel is repeated to three.
+        samples: uint8 images (N, H, W, C) or (N, C, H, W) as array/tensor, a ``.npz`` with key ``samples``, or
+            a folder: its ``samples.npz``, else its ``shards/`` (``<start>-<stop>.npz``), else the shards or PNGs
+            directly in it. Files are streamed (``image_dataset``): an ``np.savez`` npz is memory-mapped a window
+            at a time, shards are read one at a time, PNGs one by one, so memory does not grow with the number
+            of images; a compressed npz is loaded whole. One channel is repeated to three.
         reference: the same kinds, or a DataModule whose ``reference_split`` images are used (train: without
             flips; up to ``max_reference``, a seeded subset beyond); None when only ``isc`` is asked for.
         metrics: any of ``fid``, ``isc``, ``kid``.
