@@ -101,8 +101,9 @@ class FIDCallback(L.Callback):
         if self.real_feature_passes == 0:
             self._update_real(trainer, pl_module.device)
         per_rank = math.ceil(self.num_samples / trainer.world_size)
-        generator = torch.Generator(device="cpu").manual_seed(self.seed + trainer.global_rank)
-        for x in draw_batches(pl_module, self.sampler, per_rank, self.batch_size, generator, pl_module.device):
+        # rank r draws samples r * per_rank ...: its own share of the run's per-sample seeds
+        for x in draw_batches(pl_module, self.sampler, per_rank, self.batch_size, self.seed, pl_module.device,
+                              start=trainer.global_rank * per_rank):
             metric.update(rgb(to_uint8(x)), real=False)
         value = float(metric.compute())
         metric.reset()  # drops the fake statistics only (reset_real_features=False)

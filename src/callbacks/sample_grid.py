@@ -61,7 +61,6 @@ class SampleGrid(L.Callback):
 
     @rank_zero_only
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
-        generator = torch.Generator(device="cpu").manual_seed(self.seed)
         num_classes = getattr(pl_module.net, "num_classes", None)
         per_row = labels = None
         n, guidance_scale = self.num_samples, 1.0  # guidance_scale is for conditional nets only
@@ -69,7 +68,7 @@ class SampleGrid(L.Callback):
             per_row = max(1, round(self.num_samples / num_classes))
             labels = torch.arange(num_classes).repeat_interleave(per_row)  # row k of the grid: class k
             n, guidance_scale = len(labels), self.guidance_scale
-        samples = draw(pl_module, self.sampler, n, n, generator, pl_module.device, labels=labels,
+        samples = draw(pl_module, self.sampler, n, n, self.seed, pl_module.device, labels=labels,
                        guidance_scale=guidance_scale)
         if samples.dim() == 2:
             datamodule = trainer.datamodule

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from src.diffusion.losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from src.diffusion.noise import SampleNoise
 from src.diffusion.objectives import Objective, Simple
 from src.diffusion.parameterizations import Eps, Parameterization
 from src.utils.progress import track
@@ -420,18 +421,22 @@ def apply_x0_rule(x0: Tensor, rule: bool | Callable[[Tensor], Tensor]) -> Tensor
     return x0.clamp(-1.0, 1.0) if rule else x0
 
 
-def randn(shape: tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | str | None = None,
-          dtype: torch.dtype = torch.float32) -> Tensor:
-    """Standard normal noise; draws on the generator's device so a seed gives the same noise on any device."""
+def randn(shape: tuple[int, ...], generator: torch.Generator | SampleNoise | None = None,
+          device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard normal noise; draws on the generator's device so a seed gives the same noise on any device.
+    ``generator`` may be a ``SampleNoise`` (src.diffusion.noise): each row then comes from its sample's own stream."""
     if generator is None:
         return torch.randn(shape, device=device, dtype=dtype)
-    noise = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
+    if isinstance(generator, SampleNoise):
+        noise = generator.randn(shape, dtype=dtype)
+    else:
+        noise = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
     target = torch.device(device) if device is not None else noise.device
     if noise.device.type == "cpu" and target.type == "cuda":
         # Pinned memory and non_blocking: a copy from pageable memory synchronizes the stream, so each sampling
         # step would wait for the GPU to finish the previous one before Python could queue the next.
         return noise.pin_memory().to(target, non_blocking=True)
-    return noise.to(target)
+    return noise.to(target).contiguous()
 
 
 def _model_device(model: Model) -> torch.device:

@@ -71,9 +71,8 @@ def nfe_curve(module: Any, device: torch.device, out_dir: Path, score: Callable[
     rows = []
     for label, sampler in curve_points(samplers, nfe, baseline, module.diffusion):
         for seed in seeds:
-            generator = torch.Generator(device="cpu").manual_seed(int(seed))
             start = time.perf_counter()
-            samples = draw(module, sampler, num_samples, batch_size, generator, device, progress=progress,
+            samples = draw(module, sampler, num_samples, batch_size, int(seed), device, progress=progress,
                            precision=precision)
             seconds = time.perf_counter() - start
             result = score(samples, int(seed))

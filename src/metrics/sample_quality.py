@@ -23,9 +23,8 @@ def get_samples(module: Any, device: torch.device, sampler: Any, num_samples: in
         return read_samples(path), 0.0
     built = build_sampler(sampler)
     check_sampler(built, module.diffusion)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
     start = time.perf_counter()
-    samples = draw(module, built, num_samples, batch_size, generator, device, progress=progress, precision=precision)
+    samples = draw(module, built, num_samples, batch_size, seed, device, progress=progress, precision=precision)
     return samples, time.perf_counter() - start
 
 

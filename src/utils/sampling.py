@@ -1,8 +1,12 @@
 """Drawing samples from a model with a sampler, in batches, and writing them: shared by src.sample, src.eval,
 the training callbacks (sample grids, FID) and src.bench.
 
-Seeds: one CPU generator draws each batch's x_T and then the sampler's per-step noise, batch after batch, so
-the samples depend on the seed and the batch size, not on the device.
+Seeds: sample k of a run seeded ``seed`` takes its x_T and every later noise draw from its own generator, seeded by
+(``seed``, k) (``src.diffusion.noise.SampleNoise``), so sample k does not depend on which batch, process or
+order it is drawn in. Its bits can still depend on the batch size, through the network: CPU and GPU kernels pick
+their blocking by the number of rows, which moves float round-off (~1e-6). ``network_batch`` removes that too: the
+network then always sees exactly that many rows (``FixedBatchNet``), and sample k is bit for bit the same for any
+``batch_size``.
 
 ``write_samples`` writes into a folder:
 - images: ``samples/000000.png ...`` (one PNG per sample, at the data's resolution), ``samples.npz`` (key
@@ -28,6 +32,7 @@ from torch import Tensor, nn
 
 from src.diffusion.gaussian_diffusion import GaussianDiffusion, Model, randn
 from src.diffusion.guidance import conditional_model
+from src.diffusion.noise import SampleNoise
 from src.diffusion.samplers import Sampler
 from src.utils.images import image_grid, save_png, scatter_image, to_uint8
 from src.utils.precision import network_precision
@@ -58,11 +63,39 @@ def check_sampler(sampler: Sampler, diffusion: GaussianDiffusion) -> None:
 
 
 def sample_batch(sampler: Sampler, model: Model, diffusion: GaussianDiffusion, shape: tuple[int, ...],
-                 generator: torch.Generator | None = None, device: torch.device | str | None = None,
+                 generator: torch.Generator | SampleNoise | None = None, device: torch.device | str | None = None,
                  progress: bool = False, clip_denoised: bool = True) -> Tensor:
     """One batch of ``shape``: x_T from ``generator`` first, then ``sampler`` from it with the same generator."""
     x_T = randn(shape, generator=generator, device=device)
     return sampler(model, diffusion, x_T, generator=generator, progress=progress, clip_denoised=clip_denoised)
+
+
+class FixedBatchNet(nn.Module):
+    """``net`` called on exactly ``size`` rows at a time: a batch is cut into pieces of ``size`` and the last one
+    padded (zeros; extra tensor arguments such as labels repeat their first row). Kernels choose their blocking by
+    the number of rows, so a row's float round-off depends on the batch it came in; at a fixed row count it does
+    not depend on the other rows or its position (checked in tests/utils/test_sampling_seeds.py), which makes
+    every sample's bits independent of the caller's batch size."""
+
+    def __init__(self, net: nn.Module, size: int) -> None:
+        super().__init__()
+        self.net, self.size = net, int(size)
+        if hasattr(net, "num_classes"):
+            self.num_classes = net.num_classes
+
+    def forward(self, x: Tensor, t: Tensor, *args: Tensor) -> Tensor:
+        n, size = x.shape[0], self.size
+        if n == size:
+            return self.net(x, t, *args)
+        outputs = []
+        for start in range(0, n, size):
+            pieces = [a[start:start + size] for a in (x, t, *args)]
+            short = size - pieces[0].shape[0]
+            if short:
+                pieces = [torch.cat([p, torch.zeros_like(p[:1]).expand(short, *p.shape[1:]) if i == 0
+                                     else p[:1].expand(short, *p.shape[1:])]) for i, p in enumerate(pieces)]
+            outputs.append(self.net(*pieces)[:size - short])
+        return torch.cat(outputs)
 
 
 @contextlib.contextmanager
@@ -79,29 +112,41 @@ def _eval_mode(net: Any) -> Iterator[None]:
         net.train(was_training)
 
 
-def draw_batches(module: DDPMModule, sampler: Sampler, num_samples: int, batch_size: int,
-                 generator: torch.Generator, device: torch.device, progress: bool = False,
-                 labels: Tensor | None = None, guidance_scale: float = 1.0,
-                 precision: str = "fp32") -> Iterator[Tensor]:
-    """Draw ``num_samples`` in batches of ``batch_size``, yielding each batch on ``device`` as (n, *data_shape).
+def draw_batches(module: DDPMModule, sampler: Sampler, num_samples: int, batch_size: int, seed: int,
+                 device: torch.device, progress: bool = False, labels: Tensor | None = None,
+                 guidance_scale: float = 1.0, precision: str = "fp32", *, start: int = 0,
+                 noise_device: str = "cpu", network_batch: int | None = None,
+                 count_samples: bool = True) -> Iterator[Tensor]:
+    """Draw samples ``start .. start + num_samples - 1`` of the run seeded ``seed`` in batches of ``batch_size``,
+    yielding each batch on ``device`` as (n, *data_shape).
 
     ``module`` has ``net``, ``diffusion``, ``data_shape`` and ``clip_denoised`` (a ``DDPMModule``); samples of a
-    ``clip_denoised`` model are clamped to [-1, 1]. ``labels`` (N,): class labels for a conditional model,
+    ``clip_denoised`` model are clamped to [-1, 1]. ``labels`` (num_samples,): class labels for a conditional model,
     sampled with classifier-free guidance scale ``guidance_scale`` (None: the model as it is, unconditional).
     ``precision``: the network's precision (``fp32``, ``bf16`` autocast, or ``auto``; see src.utils.precision).
+    ``noise_device``: where the per-sample generators draw (``cpu``: the same noise on every machine; ``device``:
+    on ``device``). ``network_batch``: the network's fixed row count (see ``FixedBatchNet``; None: the batch).
+    ``count_samples``: a progress report of samples (false: the caller keeps its own; the steps still show).
     """
     if module.data_shape is None:
         raise RuntimeError("the model does not record its data shape (ddpm_data_shape in a checkpoint; "
                            "DDPMModule(data_shape=...)); re-save it with `python -m src.train`")
+    if noise_device not in ("cpu", "device"):
+        raise ValueError(f"noise_device={noise_device!r}: use cpu (the same noise on every machine) or device "
+                         "(drawn on the sampling device)")
+    net = module.net if network_batch is None else FixedBatchNet(module.net, network_batch)
     # the sampler's per-step progress nests under this one (a bar below it; silent as log lines)
-    with track(total=num_samples, desc="samples", unit="samples", enabled=progress) as bar, _eval_mode(module.net):
-        for start in range(0, num_samples, batch_size):
-            n = min(batch_size, num_samples - start)
-            batch_labels = None if labels is None else labels[start:start + n].to(device)
-            model = conditional_model(module.net, batch_labels, guidance_scale)
+    with (track(total=num_samples, desc="samples", unit="samples", enabled=progress and count_samples) as bar,
+          _eval_mode(module.net)):
+        for offset in range(0, num_samples, batch_size):
+            n = min(batch_size, num_samples - offset)
+            batch_labels = None if labels is None else labels[offset:offset + n].to(device)
+            model = conditional_model(net, batch_labels, guidance_scale)
+            noise = SampleNoise(seed, range(start + offset, start + offset + n),
+                                device=device if noise_device == "device" else "cpu")
             # inference_mode: no autograd bookkeeping at all (cheaper than no_grad per op)
             with torch.inference_mode(), network_precision(precision, device):
-                x = sample_batch(sampler, model, module.diffusion, (n, *module.data_shape), generator, device,
+                x = sample_batch(sampler, model, module.diffusion, (n, *module.data_shape), noise, device,
                                  progress=progress, clip_denoised=module.clip_denoised)
             if module.clip_denoised:
                 x = x.clamp(-1.0, 1.0)  # bounded data (images): the same range the reference code writes
@@ -109,12 +154,13 @@ def draw_batches(module: DDPMModule, sampler: Sampler, num_samples: int, batch_s
             yield x
 
 
-def draw(module: DDPMModule, sampler: Sampler, num_samples: int, batch_size: int, generator: torch.Generator,
-         device: torch.device, progress: bool = False, labels: Tensor | None = None, guidance_scale: float = 1.0,
-         precision: str = "fp32") -> Tensor:
+def draw(module: DDPMModule, sampler: Sampler, num_samples: int, batch_size: int, seed: int, device: torch.device,
+         progress: bool = False, labels: Tensor | None = None, guidance_scale: float = 1.0, precision: str = "fp32",
+         **options: Any) -> Tensor:
     """``draw_batches`` gathered on the CPU as float32 (N, *data_shape)."""
-    return torch.cat([x.float().cpu() for x in draw_batches(module, sampler, num_samples, batch_size, generator, device,
-                                                            progress, labels, guidance_scale, precision)])
+    return torch.cat([x.float().cpu() for x in draw_batches(module, sampler, num_samples, batch_size, seed, device,
+                                                            progress, labels, guidance_scale, precision,
+                                                            **options)])
 
 
 def sampling_labels(module: DDPMModule, num_samples: int, class_label: int | None = None,
@@ -152,29 +198,56 @@ def _reference_points(module: DDPMModule, n: int, seed: int) -> Tensor | None:
         return None
 
 
+def stored_form(samples: Tensor) -> np.ndarray:
+    """Samples as written to disk: images (N, C, H, W) in [-1, 1] as uint8 N x H x W x C (the layout FID tools
+    expect), 2-D or other flat data (N, D) as float32."""
+    if samples.dim() == 2:
+        return samples.float().cpu().numpy().astype(np.float32)
+    return to_uint8(samples.cpu()).permute(0, 2, 3, 1).contiguous().numpy()  # clips to [-1, 1]
+
+
+def png_name(index: int, total: int) -> str:
+    """``000123.png``: six digits, more when the run has more samples, so names sort in index order."""
+    return f"{index:0{max(6, len(str(max(total - 1, 0))))}d}.png"
+
+
+def write_pngs(stored: np.ndarray, out_dir: Path, start: int, total: int) -> None:
+    """One PNG per image sample at the data's own resolution (what FID tools read), named by its index."""
+    if stored.ndim != 4:
+        return
+    for i, image in enumerate(stored):
+        save_png(torch.from_numpy(image).permute(2, 0, 1), out_dir / "samples" / png_name(start + i, total))
+
+
+def write_previews(stored: np.ndarray, out_dir: Path, module: DDPMModule, seed: int = 0, total: int | None = None,
+                   grid_nrow: int | None = None) -> None:
+    """``grid.png`` of the first images (enlarged for people), or ``scatter.png`` of 2-D points."""
+    total = len(stored) if total is None else total
+    if stored.ndim == 2:
+        if stored.shape[1] == 2:
+            points = torch.from_numpy(stored)
+            reference = _reference_points(module, max(len(points), 1000), seed)
+            save_png(scatter_image(points, reference, title=f"{total} samples"), out_dir / "scatter.png")
+        return
+    images = torch.from_numpy(stored[:GRID_MAX]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    save_png(image_grid(images, nrow=grid_nrow), out_dir / "grid.png")
+
+
 def write_samples(samples: Tensor, out_dir: Path, module: DDPMModule, seed: int = 0, labels: Tensor | None = None,
                   grid_nrow: int | None = None) -> Path:
-    """Write the samples (N, C, H, W) or (N, D) as described in the module docstring; returns the npz path.
+    """Write the samples (N, C, H, W) or (N, D) as described in the module docstring, at once; returns the npz
+    path. (``src.sample`` writes the same files shard by shard: src.utils.shards.)
 
     ``labels`` (N,), for conditional samples, go into the npz as ``labels``; ``grid_nrow`` is the number of
     images per row of grid.png (default: a square).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     npz = out_dir / "samples.npz"
+    stored = stored_form(samples)
     extra = {} if labels is None else {"labels": labels.cpu().numpy().astype(np.int64)}
-    if samples.dim() == 2:
-        np.savez(npz, samples=samples.numpy().astype(np.float32), **extra)
-        if samples.shape[1] == 2:
-            reference = _reference_points(module, max(len(samples), 1000), seed)
-            image = scatter_image(samples, reference, title=f"{len(samples)} samples")
-            save_png(image, out_dir / "scatter.png")
-        return npz
-    images = to_uint8(samples)  # (N, C, H, W); clips to [-1, 1]
-    np.savez(npz, samples=images.permute(0, 2, 3, 1).contiguous().numpy(), **extra)
-    # one PNG per sample at the data's own resolution, not enlarged: these are what FID tools read
-    for i, image in enumerate(images):
-        save_png(image, out_dir / "samples" / f"{i:06d}.png")
-    save_png(image_grid(samples[:GRID_MAX], nrow=grid_nrow), out_dir / "grid.png")  # enlarged for people
+    np.savez(npz, samples=stored, **extra)
+    write_pngs(stored, out_dir, 0, len(stored))
+    write_previews(stored, out_dir, module, seed, grid_nrow=grid_nrow)
     return npz
 
 

@@ -121,15 +121,17 @@ def test_setup_rejects_points_and_missing_weights(tmp_path, monkeypatch):
 
 
 def test_fid_samples_are_the_modules_own_samples_batch_by_batch():
-    """The callback draws through src.utils.sampling: with the same generator, the batches ``module.sample`` gives."""
+    """The callback draws through src.utils.sampling: with the same per-sample noise, the batches ``module.sample``
+    gives."""
+    from src.diffusion.noise import SampleNoise
     from src.utils.sampling import draw_batches
 
     module = make_module((3, 8, 8))
     for p in module.net.parameters():  # away from the near-zero output init, so the network matters
         p.data.add_(0.05 * torch.randn_like(p))
     module.train()  # as at on_fit_end: sampling switches dropout off and restores the mode
-    g = torch.Generator().manual_seed(4)
-    want = [module.sample(n, generator=g) for n in (2, 2, 1)]
-    got = list(draw_batches(module, FIDCallback().sampler, 5, 2, torch.Generator().manual_seed(4), module.device))
+    want = [module.sample(n, generator=SampleNoise(4, range(start, start + n)))
+            for start, n in ((0, 2), (2, 2), (4, 1))]
+    got = list(draw_batches(module, FIDCallback().sampler, 5, 2, 4, module.device))
     assert [x.shape[0] for x in got] == [2, 2, 1] and module.net.training
     assert all(torch.equal(a, b.clamp(-1, 1)) for a, b in zip(got, want, strict=True))
