@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import hydra
@@ -17,11 +18,14 @@ from src.data.run_data import RunData
 from src.metrics.figures import interpolation_figure, progressive_figure
 from src.metrics.nfe_curve import nfe_curve
 from src.metrics.nll import nll_metric
-from src.metrics.sample_quality import data_sample_metric, evaluate_fid, get_samples, sample_quality
+from src.metrics.sample_quality import data_sample_metric, evaluate_fid, sample_quality
 from src.utils.checkpoint import find_checkpoint, load_module
-from src.utils.device import resolve_device
+from src.utils.distributed import Processes, start_processes
 from src.utils.files import atomic_write_text
 from src.utils.loggers import send_to_loggers
+from src.utils.precision import resolve_precision
+from src.utils.sample_run import sample_settings, sample_to_folder
+from src.utils.sampling import build_sampler, check_sampler, read_samples
 from src.utils.validate import positive_int
 
 log = logging.getLogger(__name__)
@@ -45,14 +49,19 @@ def check_counts(cfg: DictConfig) -> None:
     positive_int(cfg.sample_batch_size, "sample_batch_size")
 
 
-def run_metric(cfg: DictConfig, module, device: torch.device, out_dir: Path) -> dict:
-    """``cfg.metric`` of ``module``, its files written into ``out_dir``; the summary for metrics.json."""
+# metrics that several processes share (devices > 1); the others run on one device
+SHARED = ("nll", "fd_digits_classifier", "swd", "fid")
+
+
+def run_metric(cfg: DictConfig, module, procs: Processes, out_dir: Path, ckpt_path: Path) -> dict:
+    """``cfg.metric`` of ``module``, its files written into ``out_dir``; the summary for metrics.json (rank 0;
+    the other ranks get an empty dict)."""
     data = RunData(module.run_config.get("data", {}), int(cfg.batch_size), cfg.get("data_overrides"))
-    seed, rows, columns = int(cfg.seed), int(cfg.figure.rows), int(cfg.figure.columns)
+    seed, rows, columns, device = int(cfg.seed), int(cfg.figure.rows), int(cfg.figure.columns), procs.device
     if cfg.metric == "nll":
         return nll_metric(module, data.loader(cfg.split), device, out_dir, split=cfg.split, seed=seed,
                           num_batches=cfg.num_batches, clip_denoised=bool(cfg.clip_denoised),
-                          progress=bool(cfg.progress))
+                          progress=bool(cfg.progress), procs=procs)
     if cfg.metric == "progressive":
         return progressive_figure(module, device, out_dir, rows=rows, columns=columns, seed=seed)
     if cfg.metric == "interpolation":
@@ -60,7 +69,7 @@ def run_metric(cfg: DictConfig, module, device: torch.device, out_dir: Path) -> 
                                     columns=columns, interp_t=cfg.figure.interp_t, seed=seed)
     if cfg.metric == "nfe_curve":
         return nfe_curve_metric(cfg, module, device, data, out_dir)
-    return sample_metric(cfg, module, device, data)
+    return sample_metric(cfg, module, procs, data, out_dir, ckpt_path)
 
 
 def nfe_curve_metric(cfg: DictConfig, module, device: torch.device, data: RunData, out_dir: Path) -> dict:
@@ -80,21 +89,31 @@ def nfe_curve_metric(cfg: DictConfig, module, device: torch.device, data: RunDat
                      progress=bool(cfg.progress))
 
 
-def sample_metric(cfg: DictConfig, module, device: torch.device, data: RunData) -> dict:
-    """A metric of samples given as ``fid.samples`` (fid) or ``samples_path``, or drawn now with ``cfg.sampler``."""
-    given = cfg.fid.samples if cfg.metric == "fid" else None
-    samples, seconds = (given, 0.0) if given else get_samples(
-        module, device, cfg.sampler, int(cfg.num_samples), int(cfg.sample_batch_size), seed=int(cfg.seed),
-        progress=bool(cfg.progress), precision=str(cfg.get("precision", "fp32")), path=cfg.get("samples_path"))
+def sample_metric(cfg: DictConfig, module, procs: Processes, data: RunData, out_dir: Path, ckpt_path: Path) -> dict:
+    """A metric of samples given as ``fid.samples`` (fid) or ``samples_path``, or drawn now with ``cfg.sampler``
+    into ``out_dir`` (shards over the processes, resumable like src.sample, merged into samples.npz)."""
+    given = (cfg.fid.samples if cfg.metric == "fid" else None) or cfg.get("samples_path")
+    seconds = 0.0
+    if not given:
+        run = sample_settings(cfg, resolve_precision(cfg.get("precision", "fp32"), procs.device),
+                              batch_key="sample_batch_size")
+        sampler = build_sampler(cfg.sampler)
+        check_sampler(sampler, module.diffusion)
+        start = time.perf_counter()
+        given = str(sample_to_folder(run, procs, module, sampler, None, ckpt_path, out_dir))
+        seconds = time.perf_counter() - start
+    if not procs.is_main:
+        return {}
     if cfg.metric == "fid":
         options = {k: v for k, v in OmegaConf.to_container(cfg.fid, resolve=True).items() if k != "samples"}
-        summary = evaluate_fid(samples, device=device, datamodule=data.datamodule, seed=int(cfg.seed),
-                               sampling_seconds=seconds, **options)
+        summary = evaluate_fid(given, device=procs.device, datamodule=data.datamodule, seed=int(cfg.seed),
+                               sampling_seconds=seconds, **options)  # read from disk a window at a time
     else:
-        summary = sample_quality(cfg.metric, samples, data.config, seed=int(cfg.seed), sampling_seconds=seconds)
-    sampler = {} if given else {"sampler": OmegaConf.to_container(cfg.sampler)}
-    log.info("%s: %s", cfg.metric, (summary | sampler) if cfg.metric == "fid" else summary)
-    return summary | sampler
+        summary = sample_quality(cfg.metric, read_samples(given), data.config, seed=int(cfg.seed),
+                                 sampling_seconds=seconds)
+    sampler_info = {} if seconds == 0.0 else {"sampler": OmegaConf.to_container(cfg.sampler)}
+    log.info("%s: %s", cfg.metric, (summary | sampler_info) if cfg.metric == "fid" else summary)
+    return summary | sampler_info
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -102,14 +121,20 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ValueError(f"unknown metric {cfg.metric!r}: valid metrics are "
                          + "; ".join(f"{k} ({v})" for k, v in METRICS.items()))
     check_counts(cfg)
-    device = resolve_device(cfg.device, key="device")
+    if str(cfg.get("devices", 1)) != "1" and cfg.metric not in SHARED:
+        raise ValueError(f"metric={cfg.metric} runs on one device: devices={cfg.devices} applies to "
+                         f"{', '.join(SHARED)}; drop devices")
+    procs = start_processes(cfg.get("devices", 1), cfg.device, cfg.get("num_nodes", 1), cfg.get("strategy", "auto"))
     ckpt_path = find_checkpoint(cfg.ckpt_path, key="ckpt_path")
-    module = load_module(ckpt_path, map_location=device, weights=cfg.weights, compile=cfg.get("compile"),
-                         compile_options=cfg.get("compile_options")).to(device)
-    log.info("checkpoint %s (%s weights) on %s", ckpt_path, cfg.weights, device)
+    module = load_module(ckpt_path, map_location=procs.device, weights=cfg.weights, compile=cfg.get("compile"),
+                         compile_options=cfg.get("compile_options")).to(procs.device)
     out_dir = Path(cfg.get("output_dir") or hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary = run_metric(cfg, module, device, out_dir)
+    if procs.is_main:
+        log.info("checkpoint %s (%s weights) on %s x %d", ckpt_path, cfg.weights, procs.device, procs.world_size)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    summary = run_metric(cfg, module, procs, out_dir, ckpt_path)
+    if not procs.is_main:
+        return summary
     summary |= {"metric": cfg.metric, "weights": cfg.weights, "ckpt_path": str(ckpt_path)}
     if cfg.metric in ("nll", "interpolation"):
         summary["split"] = cfg.split
@@ -124,7 +149,7 @@ def main(cfg: DictConfig) -> float:
     from src.utils.process import prepare_process
     from src.utils.run_folder import mark_progress
 
-    prepare_process()
+    prepare_process(processes=int(cfg.devices) if str(cfg.get("devices", 1)).isdigit() else 1)
     summary = evaluate(cfg)
     mark_progress()
     return summary.get("nll_bpd", summary.get(cfg.metric))

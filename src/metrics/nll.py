@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from src.diffusion.noise import SampleNoise
+from src.utils.distributed import Processes
 from src.utils.progress import track
 
 log = logging.getLogger(__name__)
@@ -23,34 +25,48 @@ def to_8bit_grid(x: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate_nll(module: Any, loader: Iterable, device: torch.device, *, seed: int = 0, num_batches: int | None = None,
-                 clip_denoised: bool = True, progress: bool = True, split: str = "test") -> dict[str, torch.Tensor]:
+                 clip_denoised: bool = True, progress: bool = True, split: str = "test",
+                 procs: Processes | None = None) -> dict[str, torch.Tensor]:
     """Bits/dim over ``loader`` (the ``split``, at most ``num_batches`` batches): the mean total bound and the mean
-    per-timestep terms and x0 errors."""
+    per-timestep terms and x0 errors.
+
+    Image k of the split (in the loader's order) draws its noise from its own generator seeded by (``seed``, k),
+    so its bound does not depend on who computes it: with ``procs`` of several processes, rank r takes batches
+    r, r + W, ... and the sums are added over ranks (float64), giving the one-process mean to float round-off.
+    """
     if module.data_shape is None or len(module.data_shape) != 3:
         raise ValueError("metric=nll needs 8-bit image data; this checkpoint models "
                          f"data of shape {module.data_shape}")
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    sums: dict[str, torch.Tensor] = {}
-    count = 0
+    procs = procs or Processes(0, 1, device)
+    sums = {key: torch.zeros((), dtype=torch.float64) for key in ("total", "prior")}
+    sums |= {key: torch.zeros(module.diffusion.num_timesteps, dtype=torch.float64) for key in ("terms", "mse")}
+    count, seen = torch.zeros((), dtype=torch.float64), 0
     total = len(loader) if hasattr(loader, "__len__") else None
     if num_batches is not None:
         total = min(total, int(num_batches)) if total is not None else int(num_batches)
+    mine = None if total is None else len(range(procs.rank, total, procs.world_size))
     # the per-batch bits/dim progress nests under this one
-    with track(total=total, desc="nll", unit="batches", enabled=progress) as bar:
+    with track(total=mine, desc="nll", unit="batches", enabled=progress and procs.is_main) as bar:
         for i, (x, _) in enumerate(loader):
             if num_batches is not None and i >= num_batches:
                 break
+            first, seen = seen, seen + x.shape[0]
+            if i % procs.world_size != procs.rank:
+                continue
             x0 = to_8bit_grid(x.to(device))
-            out = module.diffusion.bits_per_dim(module.net, x0, generator=generator, progress=progress,
+            noise = SampleNoise(seed, range(first, seen))
+            out = module.diffusion.bits_per_dim(module.net, x0, generator=noise, progress=progress and procs.is_main,
                                                 clip_denoised=clip_denoised)
             for key in ("total", "prior", "terms", "mse"):
-                sums[key] = sums.get(key, 0) + out[key].double().sum(dim=0).cpu()
+                sums[key] += out[key].double().sum(dim=0).cpu()
             count += x0.shape[0]
-            log.info("batch %d: %d images, running NLL %.4f bits/dim", i, count, (sums["total"] / count).item())
+            log.info("batch %d: %d images, running NLL %.4f bits/dim", i, int(count), (sums["total"] / count).item())
             bar.update(1)
+    sums = {key: procs.all_reduce_sum(value) for key, value in sums.items()}
+    count = procs.all_reduce_sum(count)
     if count == 0:
         raise ValueError(f"the {split} split is empty: choose another split=")
-    return {k: v / count for k, v in sums.items()} | {"count": torch.tensor(count)}
+    return {k: v / count for k, v in sums.items()} | {"count": count.long()}
 
 
 def rate_distortion(terms: torch.Tensor, prior: torch.Tensor, mse: torch.Tensor) -> list[dict[str, float]]:
@@ -109,6 +125,8 @@ def nll_metric(module: Any, loader: Iterable, device: torch.device, out_dir: Pat
     ``out_dir``; the summary numbers."""
     with torch.no_grad():
         result = evaluate_nll(module, loader, device, split=split, **options)
+    if options.get("procs") is not None and not options["procs"].is_main:
+        return {}
     summary = write_nll_outputs(result, out_dir)
     log.info("NLL on %s (%d images): %.4f bits/dim (decoder %.4f, prior %.2e)", split,
              summary["num_images"], summary["nll_bpd"], summary["decoder_bpd"], summary["prior_bpd"])

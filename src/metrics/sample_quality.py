@@ -3,7 +3,6 @@ next to its floor (the same number for real data at the same count), and FID/IS/
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -12,20 +11,6 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from src.utils.images import to_uint8
-from src.utils.sampling import build_sampler, check_sampler, draw, read_samples
-
-
-def get_samples(module: Any, device: torch.device, sampler: Any, num_samples: int, batch_size: int, *, seed: int = 0,
-                progress: bool = True, precision: str = "fp32", path: str | None = None) -> tuple[torch.Tensor, float]:
-    """Samples in [-1, 1] (N, *data_shape) and the seconds drawing them took: read from ``path`` (an npz of
-    src.sample), else ``num_samples`` drawn now with the ``sampler`` config node."""
-    if path:
-        return read_samples(path), 0.0
-    built = build_sampler(sampler)
-    check_sampler(built, module.diffusion)
-    start = time.perf_counter()
-    samples = draw(module, built, num_samples, batch_size, seed, device, progress=progress, precision=precision)
-    return samples, time.perf_counter() - start
 
 
 def classifier_fd(samples: torch.Tensor, data_config: Mapping[str, Any], seed: int = 0) -> dict[str, float]:
@@ -101,5 +86,8 @@ def evaluate_fid(samples: torch.Tensor | str, reference: str, device: torch.devi
         batch_size=int(batch_size), kid_subset_size=int(kid_subset_size), max_reference=int(max_reference),
         seed=int(seed), feature=int(feature), reference_split=split,
     )
-    return {**result, "num_samples": len(samples) if not isinstance(samples, str) else None,
+    from src.metrics.fidelity import image_dataset
+
+    count = len(samples) if not isinstance(samples, str) else len(image_dataset(samples))  # headers only
+    return {**result, "num_samples": count,
             "sampling_seconds": sampling_seconds, "reference": str(reference)}

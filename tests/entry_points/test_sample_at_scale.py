@@ -226,3 +226,34 @@ def test_a_folder_of_other_samples_is_refused_and_a_complete_one_left_as_it_is(c
                       "batch_size=3")
     assert "nothing to draw" in same.stdout + same.stderr
     assert np.array_equal(samples_of(out), before)
+
+
+# ------------------------------------------------------------------------------------------ src.eval on 2 processes
+def run_eval(ckpt: Path, out: Path, *overrides: str) -> dict:
+    import json
+
+    result = run_entry_point("src.eval", f"ckpt_path={ckpt}", f"out_dir={out}", "progress=false", *overrides,
+                             cwd=out.parent, env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_nll_on_two_processes_is_the_one_process_mean(ckpt, tmp_path):
+    """Each image's noise comes from its own generator: the same per-image bounds, summed in another order."""
+    common = ("metric=nll", "batch_size=8", "num_batches=3")
+    one = run_eval(ckpt, tmp_path / "one", *common)
+    two = run_eval(ckpt, tmp_path / "two", *common, "devices=2")
+    assert one["num_images"] == two["num_images"] == 24
+    for key in ("nll_bpd", "prior_bpd", "decoder_bpd", "kl_terms_bpd"):
+        assert two[key] == pytest.approx(one[key], rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_a_sample_metric_on_two_processes_scores_the_samples_of_one(ckpt, tmp_path):
+    common = ("metric=fd_digits_classifier", "num_samples=12", "sample_batch_size=4", "shard_size=4", "sampler=ddim",
+              "sampler.steps=5")
+    one = run_eval(ckpt, tmp_path / "one", *common)
+    two = run_eval(ckpt, tmp_path / "two", *common, "devices=2")
+    assert np.array_equal(samples_of(tmp_path / "two"), samples_of(tmp_path / "one"))
+    assert two["fd_digits_classifier"] == one["fd_digits_classifier"] and one["num_samples"] == 12
