@@ -9,6 +9,7 @@ into a folder that holds complete shards of the same settings draws only the mis
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,10 +150,15 @@ def sample_to_folder(run: SampleRun, procs: Processes, module: Any, sampler: Any
     if pending is None:
         log.info("%s already holds the %d samples of this run: nothing to draw", out_dir, run.num_samples)
         return npz
+    start = time.perf_counter()
     draw_shards(run, procs, module, sampler, labels, out_dir, shards.assign(pending, procs.rank, procs.world_size),
                 sum(len(r) for r in pending))
     procs.barrier()
     if procs.is_main:
+        seconds = time.perf_counter() - start
+        drawn = sum(len(r) for r in pending)
+        log.info("drew %d samples in %.1f s (%.3g samples/s) on %d process(es)", drawn, seconds, drawn / seconds,
+                 procs.world_size)
         npz = finish(run, module, out_dir, ranges, labels)
         log.info("%d samples written to %s", run.num_samples, npz)
     procs.barrier()

@@ -257,3 +257,21 @@ def test_a_sample_metric_on_two_processes_scores_the_samples_of_one(ckpt, tmp_pa
     two = run_eval(ckpt, tmp_path / "two", *common, "devices=2")
     assert np.array_equal(samples_of(tmp_path / "two"), samples_of(tmp_path / "one"))
     assert two["fd_digits_classifier"] == one["fd_digits_classifier"] and one["num_samples"] == 12
+
+
+def test_the_sampling_scale_benchmark_measures_the_noise_cost(ckpt):
+    """benchmarks/sampling_scale.py at a tiny size, so that it cannot rot."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sampling_scale", ROOT / "benchmarks" / "sampling_scale.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        report = bench.noise_cost(str(ckpt), samples=4, batch_size=2, steps=3, rounds=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(report["seconds"]) == {"per_sample", "per_batch"} and report["seconds"]["per_sample"] > 0
+    from src.utils import sampling
+
+    assert sampling.SampleNoise.__name__ == "SampleNoise"  # restored
