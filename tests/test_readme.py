@@ -203,6 +203,7 @@ def fresh_copy(tmp_path_factory) -> Copy:
     return Copy(tmp_path_factory.mktemp("clone"))
 
 
+@pytest.mark.timeout(2400)  # some 50 commands, two at a time: 8-10 minutes on a quiet 2-core machine
 def test_every_readme_command_works_as_written(fresh_copy, tmp_path):
     from src.metrics.fidelity import make_random_inception_weights
 
