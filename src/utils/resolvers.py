@@ -51,6 +51,12 @@ def slurm_count(value, key: str) -> int:
     return int(text)
 
 
+def first_set(*values):
+    """The first of ``values`` that is not null (``${first_set:${oc.select:out_dir,null},<default>}``: a key that
+    may be missing or null, else a default; ``oc.select`` alone returns a null that is set)."""
+    return next((v for v in values if v is not None), None)
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", project_root, use_cache=True)
@@ -58,3 +64,5 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("run_group", run_group)
     if not OmegaConf.has_resolver("slurm_count"):
         OmegaConf.register_new_resolver("slurm_count", slurm_count)
+    if not OmegaConf.has_resolver("first_set"):
+        OmegaConf.register_new_resolver("first_set", first_set)
