@@ -51,6 +51,19 @@ def slurm_count(value, key: str) -> int:
     return int(text)
 
 
+def slurm_resource(name: str, *, _root_) -> int:
+    """``devices`` or ``num_nodes`` for sbatch, from ``trainer.<name>`` (src.train) or ``<name>`` (src.sample,
+    src.eval); num_nodes defaults to 1."""
+    for key in (f"trainer.{name}", name):
+        value = OmegaConf.select(_root_, key, default=None)
+        if value is not None:
+            return slurm_count(value, key)
+    if name == "num_nodes":
+        return 1
+    raise ValueError(f"hydra/launcher=slurm needs a whole number of devices: set trainer.devices (src.train) or "
+                     f"devices (src.sample, src.eval), e.g. devices=4")
+
+
 def first_set(*values):
     """The first of ``values`` that is not null (``${first_set:${oc.select:out_dir,null},<default>}``: a key that
     may be missing or null, else a default; ``oc.select`` alone returns a null that is set)."""
@@ -64,5 +77,7 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("run_group", run_group)
     if not OmegaConf.has_resolver("slurm_count"):
         OmegaConf.register_new_resolver("slurm_count", slurm_count)
+    if not OmegaConf.has_resolver("slurm_resource"):
+        OmegaConf.register_new_resolver("slurm_resource", slurm_resource)
     if not OmegaConf.has_resolver("first_set"):
         OmegaConf.register_new_resolver("first_set", first_set)

@@ -308,3 +308,23 @@ def test_optuna_sweep_minimises_the_returned_metric(tmp_path):
     # the study is kept in the database: it can be resumed or inspected
     study = optuna.load_study(study_name="lr-ema-schedule", storage=storage)
     assert [t.value for t in study.trials] == pytest.approx(val_losses, rel=1e-6)
+
+
+@needs_slurm_extra
+def test_slurm_launcher_takes_its_resources_from_src_sample(tmp_path):
+    """src.sample and src.eval name devices / num_nodes at the top level: the same sbatch resources."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from tests.helpers import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("sample", overrides=["ckpt_path=x", "hydra/launcher=slurm", "devices=4", "num_nodes=2"],
+                          return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (2, 4, 4)
+    assert launcher["name"] == "sample-run"
