@@ -60,8 +60,8 @@ def slurm_resource(name: str, *, _root_) -> int:
             return slurm_count(value, key)
     if name == "num_nodes":
         return 1
-    raise ValueError(f"hydra/launcher=slurm needs a whole number of devices: set trainer.devices (src.train) or "
-                     f"devices (src.sample, src.eval), e.g. devices=4")
+    raise ValueError("hydra/launcher=slurm needs a whole number of devices: set trainer.devices (src.train) or "
+                     "devices (src.sample, src.eval), e.g. devices=4")
 
 
 def first_set(*values):
