@@ -181,7 +181,8 @@ def prepared_argv(copy: Copy, line: Line, images: Path, inception: Path) -> tupl
 
 
 def check_not_here(copy: Copy, line: Line, how: str) -> None:
-    argv = line.argv[:3] + [a.replace("<partition>", "debug") for a in line.argv[3:] if a != "-m"]
+    argv = line.argv[:3] + [a.replace("<partition>", "debug").replace("<run>", "run") for a in line.argv[3:]
+                            if a != "-m"]
     # a multirun line is composed with the first value of each swept key
     argv = [a.split("=", 1)[0] + "=" + a.split("=", 1)[1].split(",")[0] if "=" in a and "[" not in a else a
             for a in argv]

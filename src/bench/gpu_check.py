@@ -7,7 +7,7 @@ Each check runs a real entry point (or a short script) in a fresh process, with 
 to ``<out>/gpu_check.log``; ``<out>/gpu_check.json`` holds, per check, the command, exit status, seconds, and the
 figures read from its outputs (bench ratios, MFU, CUDA peak memory, FID). The checks:
 
-- ``environment``: torch, CUDA, the GPU, bf16 support;
+- ``environment``: torch, CUDA, the GPU, native bf16 (``has_fast_bf16``);
 - ``sdpa_flash``: the U-Net's attention under ``sdpa_kernel(FLASH_ATTENTION)`` in bf16 (fails if flash cannot run);
 - ``train``: the CIFAR-10 experiment with its defaults (bf16-mixed, fused Adam) plus ``data.device_resident=true``,
   a few hundred steps, the FID callback on CUDA (random Inception weights) at the end of each epoch;
@@ -49,7 +49,7 @@ cuda = torch.cuda.is_available()
 device = torch.device("cuda" if cuda else "cpu")
 print("RESULT " + json.dumps({
     "torch": torch.__version__, "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name() if cuda else None,
-    "bf16": bool(cuda and torch.cuda.is_bf16_supported()), "fast_bf16": has_fast_bf16(device),
+    "fast_bf16": has_fast_bf16(device),
     "capability": list(torch.cuda.get_device_capability()) if cuda else None}))
 """
 
