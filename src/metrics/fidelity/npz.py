@@ -34,6 +34,15 @@ _LOCAL_SIGNATURE = b"PK\x03\x04"
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
+def _image_index(j: int, n: int) -> int:
+    """``j`` as an index into ``n`` images (negative from the end), or IndexError."""
+    j = operator.index(j)
+    j = j + n if j < 0 else j
+    if not 0 <= j < n:
+        raise IndexError(f"image {j} of {n}")
+    return j
+
+
 @dataclass(frozen=True)
 class NpyInfo:
     """Shape and dtype of an array in an npz, and the byte offset of its data in the file when it can be mapped
@@ -117,14 +126,11 @@ class MappedArray:
         return self.shape[0]
 
     def __getitem__(self, j: int) -> np.ndarray:
-        n, j = len(self), operator.index(j)
-        j = j + n if j < 0 else j
-        if not 0 <= j < n:
-            raise IndexError(f"image {j} of {n}")
+        j = _image_index(j, len(self))
         start = j - j % self.per_window
         if self._window is None or self._window[0] != start:
             self._window = None  # unmaps the previous window before the next is mapped
-            count = min(self.per_window, n - start)
+            count = min(self.per_window, len(self) - start)
             window = np.memmap(self.path, dtype=self.dtype, mode="r", shape=(count, *self.shape[1:]),
                                offset=self.info.offset + start * self.item_bytes)
             self._window = (start, window)
@@ -265,10 +271,7 @@ class ShardedArray:
         return self.shape[0]
 
     def __getitem__(self, j: int) -> np.ndarray:
-        n, j = len(self), operator.index(j)
-        j = j + n if j < 0 else j
-        if not 0 <= j < n:
-            raise IndexError(f"image {j} of {n}")
+        j = _image_index(j, len(self))
         k = bisect.bisect_right(self._starts, j) - 1
         if self._current is None or self._current[0] != k:
             self._current = None  # releases the previous shard before the next is opened
