@@ -18,14 +18,14 @@ from src.data.run_data import RunData
 from src.metrics.figures import interpolation_figure, progressive_figure
 from src.metrics.nfe_curve import nfe_curve
 from src.metrics.nll import nll_metric
-from src.metrics.sample_quality import data_sample_metric, evaluate_fid, sample_quality
+from src.metrics.sample_quality import class_accuracy, data_sample_metric, evaluate_fid, sample_quality
 from src.utils.checkpoint import find_checkpoint, load_module
 from src.utils.distributed import Processes, start_processes
 from src.utils.files import atomic_write_text
 from src.utils.loggers import send_to_loggers
 from src.utils.precision import resolve_precision
 from src.utils.sample_run import sample_settings, sample_to_folder
-from src.utils.sampling import build_sampler, check_sampler, read_samples
+from src.utils.sampling import build_sampler, check_sampler, read_labels, read_samples, sampling_labels
 from src.utils.validate import positive_int
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ METRICS = {
     "progressive": "predicted x0 along sampling chains as a grid (paper Fig. 6)",
     "interpolation": "interpolation of test images in the diffused latent x_t (paper Fig. 8)",
     "nfe_curve": "sample quality against network evaluations for several samplers (the data's sample metric)",
+    "class_accuracy": "how often the digits classifier names the class a conditional model's samples were drawn "
+                      "for (classifier-free guidance), with the share of saturated pixels",
 }
 
 
@@ -50,7 +52,7 @@ def check_counts(cfg: DictConfig) -> None:
 
 
 # metrics that several processes share (devices > 1); the others run on one device
-SHARED = ("nll", "fd_digits_classifier", "swd", "fid")
+SHARED = ("nll", "fd_digits_classifier", "swd", "fid", "class_accuracy")
 
 
 def run_metric(cfg: DictConfig, module, procs: Processes, out_dir: Path, ckpt_path: Path) -> dict:
@@ -99,8 +101,9 @@ def sample_metric(cfg: DictConfig, module, procs: Processes, data: RunData, out_
                               batch_key="sample_batch_size")
         sampler = build_sampler(cfg.sampler)
         check_sampler(sampler, module.diffusion)
+        labels = sampling_labels(module, run.num_samples, run.class_label, run.guidance_scale, ckpt_path=ckpt_path)
         start = time.perf_counter()
-        given = str(sample_to_folder(run, procs, module, sampler, None, ckpt_path, out_dir))
+        given = str(sample_to_folder(run, procs, module, sampler, labels, ckpt_path, out_dir))
         seconds = time.perf_counter() - start
     if not procs.is_main:
         return {}
@@ -108,10 +111,16 @@ def sample_metric(cfg: DictConfig, module, procs: Processes, data: RunData, out_
         options = {k: v for k, v in OmegaConf.to_container(cfg.fid, resolve=True).items() if k != "samples"}
         summary = evaluate_fid(given, device=procs.device, datamodule=data.datamodule, seed=int(cfg.seed),
                                sampling_seconds=seconds, **options)  # read from disk a window at a time
+    elif cfg.metric == "class_accuracy":
+        samples = read_samples(given)
+        summary = ({"num_samples": len(samples), "sampling_seconds": seconds}
+                   | class_accuracy(samples, read_labels(given), data.config))
     else:
         summary = sample_quality(cfg.metric, read_samples(given), data.config, seed=int(cfg.seed),
                                  sampling_seconds=seconds)
     sampler_info = {} if seconds == 0.0 else {"sampler": OmegaConf.to_container(cfg.sampler)}
+    if seconds and (cfg.get("class_label") is not None or float(cfg.get("guidance_scale", 1.0)) != 1.0):
+        sampler_info |= {"class_label": cfg.get("class_label"), "guidance_scale": float(cfg.guidance_scale)}
     log.info("%s: %s", cfg.metric, (summary | sampler_info) if cfg.metric == "fid" else summary)
     return summary | sampler_info
 
@@ -124,6 +133,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if str(cfg.get("devices", 1)) != "1" and cfg.metric not in SHARED:
         raise ValueError(f"metric={cfg.metric} runs on one device: devices={cfg.devices} applies to "
                          f"{', '.join(SHARED)}; drop devices")
+    sampled = ("fd_digits_classifier", "swd", "fid", "class_accuracy")
+    for key, default in (("class_label", None), ("guidance_scale", 1.0)):
+        if cfg.metric not in sampled and cfg.get(key, default) != default:
+            raise ValueError(f"{key}={cfg.get(key)} applies to the metrics that draw samples ({', '.join(sampled)}), "
+                             f"not to metric={cfg.metric}: drop {key}")
     procs = start_processes(cfg.get("devices", 1), cfg.device, cfg.get("num_nodes", 1), cfg.get("strategy", "auto"))
     ckpt_path = find_checkpoint(cfg.ckpt_path, key="ckpt_path")
     module = load_module(ckpt_path, map_location=procs.device, weights=cfg.weights, compile=cfg.get("compile"),

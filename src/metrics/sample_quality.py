@@ -45,6 +45,46 @@ def sliced_wasserstein(samples: torch.Tensor, data_config: Mapping[str, Any], se
                                                           reference, generator=generator)}
 
 
+def class_accuracy(samples: torch.Tensor, labels: torch.Tensor | None, data_config: Mapping[str, Any],
+                   seed: int = 0) -> dict[str, float]:
+    """How often the digits classifier names the class each 8x8 digit sample was drawn for (what classifier-free
+    guidance aims at), overall and per class, next to the classifier's accuracy on the real test digits; and the
+    share of pixels at either end of the 8-bit range in the samples and in the real digits (strong guidance pushes
+    predicted x0 out of [-1, 1]: clipped, the images saturate and this share climbs above the real one)."""
+    from src.metrics.digits_classifier import (
+        CLASSIFIER_DATA_SEED,
+        classifier_accuracy,
+        digits_split,
+        load_digits_classifier,
+    )
+
+    target = str(data_config.get("_target_", ""))
+    if not target.endswith("DigitsDataModule") or tuple(samples.shape[1:]) != (1, 8, 8):
+        raise ValueError("metric=class_accuracy scores with the digits classifier: it needs a model of the 8x8 "
+                         f"digits data; this checkpoint models {data_config.get('_target_')} of shape "
+                         f"{tuple(samples.shape[1:])}")
+    if labels is None:
+        raise ValueError("metric=class_accuracy needs the class each sample was drawn for: a class-conditional "
+                         "checkpoint (trained with conditional=true), or a samples.npz of one with its labels")
+    labels = torch.as_tensor(labels).long()
+    if len(labels) != len(samples):
+        raise ValueError(f"{len(samples)} samples but {len(labels)} labels")
+    classifier = load_digits_classifier()
+    images = to_uint8(samples)  # the 8-bit grid, as written to disk
+    with torch.no_grad():
+        predicted = torch.cat([classifier(images[i:i + 1024].float() / 127.5 - 1).argmax(dim=1)
+                               for i in range(0, len(images), 1024)])
+    hit = (predicted == labels).double()
+    real, _ = digits_split("test", int(data_config.get("seed", 0)))
+    summary = {"class_accuracy": float(hit.mean()),
+               "class_accuracy_real_digits": classifier_accuracy(classifier, "test", CLASSIFIER_DATA_SEED),
+               "extreme_pixels": float(((images == 0) | (images == 255)).double().mean()),
+               "extreme_pixels_real_digits": float(((to_uint8(real) == 0) | (to_uint8(real) == 255)).double().mean())}
+    for k in sorted(set(labels.tolist())):
+        summary[f"class_accuracy_{k}"] = float(hit[labels == k].mean())
+    return summary
+
+
 SAMPLE_METRICS = {"fd_digits_classifier": classifier_fd, "swd": sliced_wasserstein}
 
 

@@ -148,10 +148,26 @@ def draw_batches(module: DDPMModule, sampler: Sampler, num_samples: int, batch_s
             with torch.inference_mode(), network_precision(precision, device):
                 x = sample_batch(sampler, model, module.diffusion, (n, *module.data_shape), noise, device,
                                  progress=progress, clip_denoised=module.clip_denoised)
+            check_finite(x, start + offset, precision, guidance_scale if labels is not None else None)
             if module.clip_denoised:
                 x = x.clamp(-1.0, 1.0)  # bounded data (images): the same range the reference code writes
             bar.update(n)
             yield x
+
+
+def check_finite(x: Tensor, start: int, precision: str, guidance_scale: float | None) -> None:
+    """Refuse a batch with NaN or infinite values (samples ``start`` on) before it is written: a clamp would hide
+    NaN as black pixels in the PNGs and every metric. Shards already written stay on disk."""
+    bad = ~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+    if not bool(bad.any()):
+        return
+    first = [start + int(i) for i in bad.nonzero().flatten()[:5]]
+    hints = ["sample with precision=fp32" if precision != "fp32" else None,
+             f"lower guidance_scale={guidance_scale} or set the sampler's threshold (e.g. sampler.threshold=0.995)"
+             if guidance_scale not in (None, 1.0) else None,
+             "check the checkpoint: its training may have diverged (src.eval metric=nll shows it)"]
+    raise FloatingPointError(f"{int(bad.sum())} of {len(x)} samples from index {start} are not finite (NaN or "
+                             f"inf; first: {first}): " + "; ".join(h for h in hints if h))
 
 
 def draw(module: DDPMModule, sampler: Sampler, num_samples: int, batch_size: int, seed: int, device: torch.device,
@@ -249,6 +265,12 @@ def write_samples(samples: Tensor, out_dir: Path, module: DDPMModule, seed: int 
     write_pngs(stored, out_dir, 0, len(stored))
     write_previews(stored, out_dir, module, seed, grid_nrow=grid_nrow)
     return npz
+
+
+def read_labels(path: str | Path) -> Tensor | None:
+    """The class labels of a ``samples.npz`` of a class-conditional model (None when it has none)."""
+    with np.load(path) as f:
+        return torch.from_numpy(f["labels"]).long() if "labels" in f.files else None
 
 
 def read_samples(path: str | Path) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -307,3 +308,19 @@ def test_conditional_train_then_guided_sample_entry_points(tmp_path, one_thread)
                          config_name="sample")
     with pytest.raises(ValueError, match=r"class_label=10 .*\[0, 9\]"):
         sample(cfg)
+
+    # src.eval scores guided samples by how often the digits classifier names the requested class
+    out = tmp_path / "accuracy"
+    result = run_entry_point("src.eval", f"ckpt_path={ckpt}", "metric=class_accuracy", "guidance_scale=3",
+                             "sampler=dpmpp_2m", "sampler.steps=5", "sampler.threshold=0.995", "num_samples=10",
+                             "progress=false", f"hydra.run.dir={out}", cwd=tmp_path, env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_samples"] == 10 and metrics["guidance_scale"] == 3.0 and metrics["class_label"] is None
+    assert 0 <= metrics["class_accuracy"] <= 1 and metrics["class_accuracy_real_digits"] > 0.9
+    assert sorted(k for k in metrics if k[-1].isdigit()) == [f"class_accuracy_{k}" for k in range(10)]
+    with np.load(out / "samples.npz") as f:
+        assert f["labels"].tolist() == list(range(10))
+    result = run_entry_point("src.eval", f"ckpt_path={ckpt}", "metric=nll", "guidance_scale=3", "num_batches=1",
+                             f"hydra.run.dir={tmp_path / 'nll'}", cwd=tmp_path, env=ONE_THREAD)
+    assert result.returncode != 0 and "guidance_scale=3 applies to the metrics that draw samples" in result.stderr

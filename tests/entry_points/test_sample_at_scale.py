@@ -102,6 +102,41 @@ def test_every_sampler_gives_sample_k_the_same_bits_for_any_batch_size(name, one
     assert not torch.equal(draw(module, sampler, 7, 7, 12, cpu, network_batch=4), whole)  # another seed
 
 
+class TurnsNaN(torch.nn.Module):
+    """A network that returns NaN from its ``after``-th call on (a diverged model, or guidance run away)."""
+
+    def __init__(self, net: torch.nn.Module, after: int) -> None:
+        super().__init__()
+        self.net, self.after, self.calls = net, after, 0
+        self.num_classes = 10  # takes labels (and ignores them), so guidance can be asked for
+
+    def forward(self, x, t, y=None):
+        self.calls += 1
+        out = self.net(x, t)
+        return out * float("nan") if self.calls > self.after else out
+
+
+def test_a_non_finite_sample_stops_the_run_and_keeps_the_shards_before_it(tmp_path, one_thread):
+    from src.utils.distributed import start_processes
+    from src.utils.sample_run import SampleRun, sample_to_folder
+
+    module = tiny_module()
+    sampler = DDIM(steps=3)
+    module.net = TurnsNaN(module.net, after=2 * 3)  # batches 0 and 1 (3 steps each) are fine, batch 2 is NaN
+    run = SampleRun(num_samples=6, batch_size=2, shard_size=2, progress=False)
+    ckpt_path = tmp_path / "model.ckpt"
+    ckpt_path.write_bytes(b"weights")  # the manifest records its digest
+    out = tmp_path / "out"
+    with pytest.raises(FloatingPointError, match=r"2 of 2 samples from index 4 are not finite.*diverged"):
+        sample_to_folder(run, start_processes(1, "cpu"), module, sampler, None, ckpt_path, out)
+    ranges = shards.shard_ranges(6, 2)
+    assert shards.complete_shards(out, ranges) == {ranges[0], ranges[1]}  # written before it: kept
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == [f"00000{i}.png" for i in range(4)]
+    with pytest.raises(FloatingPointError, match="guidance_scale=3.0 or set the sampler's threshold"):
+        module.net.calls = 100
+        draw(module, sampler, 2, 2, 0, torch.device("cpu"), labels=torch.tensor([1, 2]), guidance_scale=3.0)
+
+
 # ------------------------------------------------------------------------------------------ shards
 def test_merged_npz_streams_shards_in_index_order_as_zip64(tmp_path):
     rng = np.random.default_rng(0)

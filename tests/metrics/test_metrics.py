@@ -304,3 +304,28 @@ def test_reference_fd_of_real_data_arguments(digits_fd):
         digits_fd.reference_fd_of_real_data(10**6)
     with pytest.raises(ValueError, match="1, 8, 8"):
         digits_fd(torch.zeros(4, 3, 8, 8))
+
+
+# ---------------------------------------------------------------- class accuracy of conditional samples
+DIGITS_DATA = {"_target_": "src.data.digits.DigitsDataModule", "seed": 0}
+
+
+def test_class_accuracy_scores_the_requested_class_and_counts_saturated_pixels():
+    from src.metrics.sample_quality import class_accuracy
+
+    x, y = dc.digits_split("test", 0)
+    right = class_accuracy(x, y, DIGITS_DATA)
+    # real digits with their own labels: the classifier's accuracy on the test split (the same images)
+    assert right["class_accuracy"] == pytest.approx(right["class_accuracy_real_digits"])
+    assert right["class_accuracy"] > 0.9
+    assert right["extreme_pixels"] == right["extreme_pixels_real_digits"]
+    assert sorted(k for k in right if k.startswith("class_accuracy_") and k[-1].isdigit()) == [
+        f"class_accuracy_{k}" for k in range(10)]
+    wrong = class_accuracy(x, (y + 1) % 10, DIGITS_DATA)  # every sample "drawn for" another class
+    assert wrong["class_accuracy"] < 0.05
+    saturated = class_accuracy(torch.where(x > 0, 1.0, -1.0), y, DIGITS_DATA)
+    assert saturated["extreme_pixels"] == 1.0 > right["extreme_pixels"]
+    with pytest.raises(ValueError, match="class-conditional checkpoint"):
+        class_accuracy(x, None, DIGITS_DATA)
+    with pytest.raises(ValueError, match="8x8 digits"):
+        class_accuracy(torch.zeros(4, 3, 32, 32), torch.zeros(4), {"_target_": "src.data.cifar10.CIFAR10DataModule"})
