@@ -134,6 +134,7 @@ class BaseDataModule(L.LightningDataModule):
     """
 
     random_flip: bool = False  # modules that flip training images at random set it from their arguments
+    collate_fn: Callable | None = None  # how the loaders batch items (None: torch's default collate)
 
     def __init__(self, batch_size: int, num_workers: int = 0, seed: int = 0, pin_memory: bool = False) -> None:
         super().__init__()
@@ -236,6 +237,7 @@ class BaseDataModule(L.LightningDataModule):
             # Dropping the ragged last batch keeps batch statistics even, but only if a full batch exists.
             drop_last=train and n >= self.batch_size,
             num_workers=self.num_workers,
+            collate_fn=type(self).collate_fn,
             pin_memory=self._pin_memory(),
             persistent_workers=self.num_workers > 0,
         )
