@@ -57,6 +57,10 @@ def instantiate_node(group: str, value: str, compose_cfg, tmp_path):
 
     extra = {("data", "image_folder"): [f"data.root={tmp_path / 'images'}", "data.upscale=true"],
              ("data", "cifar10"): [f"data.data_dir={tmp_path / 'cifar'}", "data.download=false"],
+             ("data", "lsun"): [f"data.root={tmp_path / 'lsun'}"],
+             ("data", "celebahq"): [f"data.root={tmp_path / 'images'}"],
+             ("data", "shards"): [f"data.root={tmp_path / 'shards'}"],
+             **{("experiment", name): ["data.root=/data"] for name in PAPER_256},
              ("model", "mlp"): ["data=toy2d"],
              ("diffusion/variance", "learned"): ["diffusion/objective=hybrid"],
              ("diffusion/variance", "learned_range"): ["diffusion/objective=hybrid"],
@@ -215,3 +219,48 @@ def test_callbacks_none_with_an_experiment_that_tunes_callbacks(compose_cfg, cap
     objects = build(compose_cfg("callbacks=none"))
     assert not any(type(cb).__name__ == "StepCheckpoint" for cb in objects["callbacks"])
     assert "callbacks.model_checkpoint has settings but no _target_" in caplog.text
+
+
+# The paper's 256x256 runs (Ho et al. 2020, Appendix B and Table 3; the reference code's 256x256 settings)
+PAPER_256 = {"celebahq256": ("src.data.ImageFolderDataModule", 500_000, True),
+             "lsun_bedroom256": ("src.data.LSUNDataModule", 2_400_000, False),
+             "lsun_church256": ("src.data.LSUNDataModule", 1_200_000, True),
+             "lsun_cat256": ("src.data.LSUNDataModule", 1_800_000, True)}
+
+
+@pytest.mark.parametrize("experiment", list(PAPER_256))
+def test_256_presets_are_the_paper_recipe_key_by_key(compose_cfg, experiment):
+    target, steps, flips = PAPER_256[experiment]
+    cfg = compose_cfg(f"experiment={experiment}", "data.root=/data", tiny=False)
+    # data: the dataset, 256x256, flips except on LSUN Bedroom, global batch 64 over the default 8 devices
+    assert cfg.data._target_ == target and cfg.data.image_size == 256 and cfg.data.random_flip is flips
+    assert cfg.trainer.strategy == "ddp" and cfg.data.batch_size * cfg.trainer.devices * cfg.trainer.num_nodes == 64
+    # model: ch 128, ch_mult (1,1,2,2,4,4), 2 res-blocks, attention at 16x16, dropout 0: 113,673,219 parameters
+    assert cfg.model._target_ == "src.models.unet.UNet" and cfg.model.ch == 128
+    assert list(cfg.model.ch_mult) == [1, 1, 2, 2, 4, 4] and cfg.model.num_res_blocks == 2
+    assert list(cfg.model.attn_resolutions) == [16] and cfg.model.dropout == 0.0
+    fill_model_from_data(cfg.model, (3, 256, 256))
+    with torch.device("meta"):
+        net = instantiate(cfg.model)
+    assert sum(p.numel() for p in net.parameters()) == 113_673_219
+    # diffusion: T = 1000, linear betas, epsilon prediction with L_simple, sigma_t^2 = tilde-beta_t
+    assert cfg.diffusion.num_timesteps == 1000 and cfg.diffusion.schedule == "linear"
+    assert cfg.diffusion.parameterization._target_ == "src.diffusion.parameterizations.Eps"
+    assert cfg.diffusion.objective._target_ == "src.diffusion.objectives.Simple"
+    assert cfg.diffusion.variance == "fixed_small"
+    # optimization: Adam (TF defaults), lr 2e-5, 5000 warm-up steps, clipping at global norm 1, EMA 0.9999
+    assert cfg.module.optimizer._target_ == "torch.optim.Adam" and cfg.module.optimizer.lr == 2e-5
+    assert list(cfg.module.optimizer.betas) == [0.9, 0.999] and cfg.module.optimizer.eps == 1e-8
+    assert cfg.module.warmup_steps == 5000
+    assert cfg.trainer.gradient_clip_val == 1.0 and cfg.trainer.gradient_clip_algorithm == "norm"
+    assert cfg.callbacks.ema.decay == 0.9999
+    assert cfg.trainer.max_steps == steps
+    # sized for 256x256: a few samples per grid, a cheap FID estimate, both at each validation
+    assert cfg.callbacks.sample_grid.num_samples <= 16 and cfg.callbacks.fid.num_samples <= 1000
+    assert cfg.trainer.val_check_interval == 25_000
+
+
+def test_256_presets_train_from_shards_with_their_flips_and_batch(compose_cfg):
+    cfg = compose_cfg("experiment=lsun_bedroom256", "data=shards", "data.root=/shards", tiny=False)
+    assert cfg.data._target_ == "src.data.ShardsDataModule" and cfg.data.random_flip is False
+    assert cfg.data.batch_size == 8 and cfg.data.image_size == 256 and cfg.trainer.max_steps == 2_400_000

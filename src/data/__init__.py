@@ -4,6 +4,8 @@ from .base import BaseDataModule, scale_to_unit_range
 from .cifar10 import CIFAR10DataModule
 from .digits import DigitsDataModule
 from .image_folder import ImageFolderDataModule
+from .lsun import LSUNDataModule
+from .shards import ShardsDataModule
 from .toy2d import Toy2DDataModule
 
 __all__ = [
@@ -11,6 +13,8 @@ __all__ = [
     "CIFAR10DataModule",
     "DigitsDataModule",
     "ImageFolderDataModule",
+    "ShardsDataModule",
+    "LSUNDataModule",
     "Toy2DDataModule",
     "scale_to_unit_range",
 ]

@@ -7,6 +7,7 @@ class labels (``-1`` for unlabeled data). Splits are drawn from ``seed`` with a 
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -74,6 +75,14 @@ def split_indices(
     generator = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=generator).tolist()
     return perm[:n_train], perm[n_train : n_train + n_val], perm[n_train + n_val :]
+
+
+def leave_sigterm_to_the_trainer(worker_id: int) -> None:
+    """``worker_init_fn`` of every loader: workers ignore SIGTERM. A scheduler (SLURM, Kubernetes, ``kill`` of the
+    process group) signals every process of the job; a worker killed by it makes torch raise in the training
+    process, which would abort the last checkpoint it writes on SIGTERM. The workers end with the training
+    process's loaders instead."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class TransformedSubset(Dataset):
@@ -238,6 +247,7 @@ class BaseDataModule(L.LightningDataModule):
             drop_last=train and n >= self.batch_size,
             num_workers=self.num_workers,
             collate_fn=type(self).collate_fn,
+            worker_init_fn=leave_sigterm_to_the_trainer if self.num_workers > 0 else None,
             pin_memory=self._pin_memory(),
             persistent_workers=self.num_workers > 0,
         )

@@ -35,11 +35,12 @@ def crop_resize(img: Image.Image, size: int, mode: str = RGB, draft: bool = True
     width, height = img.size
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
-    box = (left, top, left + side, top + side)
-    if side == size:
-        img = img.crop(box)
-    else:
-        img = img.resize((size, size), Image.LANCZOS, box=box)
+    if width != height:
+        # crop first, as dataset_tool does: resize(box=...) would also read pixels outside the box (the filter's
+        # support at the edges), changing the outermost output columns or rows
+        img = img.crop((left, top, left + side, top + side))
+    if side != size:
+        img = img.resize((size, size), Image.LANCZOS)
     array = np.asarray(img, dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]

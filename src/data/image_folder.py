@@ -1,4 +1,9 @@
-"""Any folder of images (e.g. CelebA-HQ, LSUN exports), found recursively; unlabeled."""
+"""Any folder of images (e.g. CelebA-HQ, LSUN exports), found recursively; unlabeled.
+
+Loader workers decode each file to a uint8 (C, S, S) square (StyleGAN's preprocessing: the central square, Lanczos
+to the size; a large JPEG decoded at a reduced DCT scale first); scaling to [-1, 1] and the random flips happen on the
+training device (``src.data.uint8_images``).
+"""
 
 from __future__ import annotations
 
@@ -11,18 +16,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.transforms import CenterCrop, Compose, RandomHorizontalFlip, Resize
 
-from .base import (
-    UNLABELED,
-    BaseDataModule,
-    TransformedSubset,
-    check_fractions,
-    check_int,
-    pil_to_unit_range,
-    split_indices,
-)
+from .base import UNLABELED, check_fractions, check_int, split_indices
+from .decode import crop_resize
+from .uint8_images import Uint8ImagesDataModule
 
 DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 PIL_MODES = {1: "L", 3: "RGB"}
@@ -168,28 +167,36 @@ def refuse(headers: list[ImageHeader], alpha: str, min_size: int, total: int | N
 
 
 class ImageFileDataset(Dataset):
-    """Loads images from a list of paths as PIL images in ``mode``; label is always -1.
+    """Decodes images from a list of paths to uint8 (C, ``size``, ``size``) tensors in ``mode``; label always -1.
 
     16-bit grayscale is scaled to 8 bit, transparency composited onto ``alpha`` ('white' or 'black'; 'error'
-    refuses it), and an image whose shorter side is below ``min_size`` is refused.
+    refuses it), and an image whose shorter side is below ``min_size`` is refused. Then the central square is
+    resized to ``size`` (Lanczos); with ``draft`` a JPEG larger than needed decodes at a reduced DCT scale first.
     """
 
-    def __init__(self, files: list[Path], mode: str, alpha: str = "white", min_size: int = 0) -> None:
+    def __init__(self, files: list[Path], mode: str, size: int, alpha: str = "white", min_size: int = 0,
+                 draft: bool = True) -> None:
         self.files = files
         self.mode = mode
+        self.size = size
         self.alpha = alpha
         self.min_size = min_size
+        self.draft = draft
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
         path = self.files[i]
         try:
             with Image.open(path) as img:
-                refuse([read_header(path, img)], self.alpha, self.min_size)
+                refuse([read_header(path, img)], self.alpha, self.min_size)  # on the file's own size, before draft
+                if self.draft and img.format == "JPEG":
+                    # before to_mode, which may return a new image that no longer knows it is a JPEG
+                    img.draft(self.mode, (self.size, self.size))
                 img.load()  # the full decode inside the try
                 img = to_mode(img, self.mode, BACKGROUNDS.get(self.alpha, 255))
+                image = crop_resize(img, self.size, self.mode, draft=False)  # drafted above where it applies
         except RefusedImage:
             raise
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
@@ -197,11 +204,28 @@ class ImageFileDataset(Dataset):
                 f"Could not load image {str(path)!r} ({type(err).__name__}: {err}). Remove or repair "
                 "the file, or set data.verify=true to find all unreadable files at setup."
             ) from err
-        return img, UNLABELED
+        return image, UNLABELED
 
 
-class ImageFolderDataModule(BaseDataModule):
-    """Unlabeled images from ``root`` (recursively by default), resized and center-cropped to a square.
+class ImageSplit(Dataset):
+    """The images of ``base`` at ``indices`` as ``(uint8 image, label, i)`` items, ``i`` the index in the split
+    (what ``collate_images`` batches; the flip of an example is drawn from ``i``)."""
+
+    def __init__(self, base: ImageFileDataset, indices: list[int]) -> None:
+        self.base = base
+        self.indices = list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+        image, label = self.base[self.indices[i]]
+        return image, label, i
+
+
+class ImageFolderDataModule(Uint8ImagesDataModule):
+    """Unlabeled images from ``root`` (recursively by default): the central square of each, resized to
+    ``image_size`` with Lanczos (as StyleGAN's dataset_tool made the paper's 256x256 data).
 
     Train/val/test are a seeded random split of the sorted file list. Hidden files and folders
     (names starting with '.') are skipped. Every image is brought to 8-bit L or RGB when loaded:
@@ -209,7 +233,13 @@ class ImageFolderDataModule(BaseDataModule):
     byte, at most one level off rounding); transparency (alpha channels, transparent palette entries
     or colour keys) is composited onto ``alpha`` ('white' or 'black'), or refused with 'error'; other
     modes (palette, CMYK, grayscale in an RGB run, ...) are converted by PIL. An image whose shorter
-    side is below ``image_size`` is refused unless ``upscale``.
+    side is below ``image_size`` is refused unless ``upscale``. With ``draft`` a JPEG at least twice the size
+    decodes at a reduced DCT scale (1/2, 1/4, 1/8; never below ``image_size``) before the resize: several times
+    faster for large files (1024x1024 CelebA-HQ at 256), within about a level of the full decode (a non-square
+    JPEG's central square is then placed at the reduced scale: up to one reduced pixel off centre).
+
+    The loaders yield uint8 ``ImageBatch``es; ``on_after_batch_transfer`` scales them to [-1, 1] and, in
+    training with ``random_flip``, flips each by ``flip_decisions`` on the device.
 
     With ``verify=True`` setup opens every file once (headers and ``Image.verify``, no pixel decoding):
     unreadable, refused and too small files are reported all at once before training starts, and one
@@ -231,6 +261,7 @@ class ImageFolderDataModule(BaseDataModule):
         verify: bool = True,
         alpha: str = "white",
         upscale: bool = False,
+        draft: bool = True,
         num_workers: int = 0,
         seed: int = 0,
         pin_memory: bool = False,
@@ -254,6 +285,9 @@ class ImageFolderDataModule(BaseDataModule):
         if not isinstance(upscale, bool):
             raise ValueError(f"data.upscale must be true or false, got {upscale!r}")
         self.upscale = upscale
+        if not isinstance(draft, bool):
+            raise ValueError(f"data.draft must be true or false, got {draft!r}")
+        self.draft = draft
         self.files: list[Path] | None = None
 
     @property
@@ -329,26 +363,12 @@ class ImageFolderDataModule(BaseDataModule):
         what = ", ".join(done) if done else f"all 8-bit {target} without transparency, nothing to convert"
         return f"{self.name}: {_images(len(headers))}; {what}"
 
-    def _transform(self, train: bool) -> Compose:
-        steps = [Resize(self.image_size), CenterCrop(self.image_size)]  # Resize(int) scales the shorter side
-        if train and self.random_flip:
-            steps.append(RandomHorizontalFlip())
-        steps.append(pil_to_unit_range)
-        return Compose(steps)
-
-    def unflipped_train_set(self) -> Dataset:
-        subset = self.train_set
-        return TransformedSubset(subset.base, subset.indices, self._transform(train=False))  # type: ignore[union-attr]
-
     def load_splits(self) -> None:
         files = self.find_images()
         if self.verify:
             self._verify(files)
         self.files = files
-        full = ImageFileDataset(files, PIL_MODES[self.channels], self.alpha, self._min_size)
-        train_idx, val_idx, test_idx = split_indices(
-            len(full), self.val_fraction, self.test_fraction, self.seed
-        )
-        self.train_set = TransformedSubset(full, train_idx, self._transform(train=True))
-        self.val_set = TransformedSubset(full, val_idx, self._transform(train=False))
-        self.test_set = TransformedSubset(full, test_idx, self._transform(train=False))
+        full = ImageFileDataset(files, PIL_MODES[self.channels], self.image_size, self.alpha, self._min_size,
+                                self.draft)
+        train_idx, val_idx, test_idx = split_indices(len(full), self.val_fraction, self.test_fraction, self.seed)
+        self.train_set, self.val_set, self.test_set = (ImageSplit(full, idx) for idx in (train_idx, val_idx, test_idx))

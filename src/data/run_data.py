@@ -30,10 +30,28 @@ class RunData:
         return split_loader(self.datamodule(), split)
 
 
+class ModelBatches:
+    """A loader whose batches are made ``(x, y)`` (unflipped, in [-1, 1]) by ``to_model_batch``: what the
+    ``on_after_batch_transfer`` of a uint8-image DataModule does for the Trainer (src/data/uint8_images.py)."""
+
+    def __init__(self, loader: Any, to_model_batch: Any) -> None:
+        self.loader, self.to_model_batch = loader, to_model_batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield self.to_model_batch(batch, train=False)
+
+
 def split_loader(datamodule: Any, split: str) -> Any:
-    """The ``train``, ``val`` or ``test`` loader of ``datamodule``, after preparing and setting it up."""
+    """The ``train``, ``val`` or ``test`` loader of ``datamodule``, after preparing and setting it up, yielding
+    ``(x, y)`` batches."""
     if split not in LOADERS:
         raise ValueError(f"split must be one of {', '.join(LOADERS)}, got {split!r}")
     datamodule.prepare_data()
     datamodule.setup("fit" if split != "test" else "test")
-    return getattr(datamodule, LOADERS[split])()
+    loader = getattr(datamodule, LOADERS[split])()
+    to_model_batch = getattr(datamodule, "to_model_batch", None)
+    return loader if to_model_batch is None else ModelBatches(loader, to_model_batch)

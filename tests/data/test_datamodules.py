@@ -21,6 +21,7 @@ from src.data import (
     scale_to_unit_range,
 )
 from src.data.base import EpochSeededSampler
+from src.data.uint8_images import ImageBatch, Uint8ImagesDataModule, flip_decisions
 
 # --------------------------------------------------------------------------------------------
 # Helpers and fixtures
@@ -468,24 +469,25 @@ def test_image_folder_rgb(image_root: Path):
     assert len(dm.files) == 6  # recursive, case-insensitive extensions, .txt ignored
     assert dm.files == sorted(dm.files)
     assert dm.split_lengths() == {"train": 5, "val": 1, "test": 0}
-    x, y = next(iter(dm.train_dataloader()))
+    batch = next(iter(dm.train_dataloader()))
+    assert isinstance(batch, ImageBatch) and batch.image.dtype == torch.uint8  # scaled after the transfer
+    x, y = dm.to_model_batch(batch, train=True)
     check_batch((x, y), (3, 16, 16), 4)
     assert (y == -1).all()
-    check_batch(next(iter(dm.val_dataloader())), (3, 16, 16), 1)
+    check_batch(dm.to_model_batch(next(iter(dm.val_dataloader())), train=False), (3, 16, 16), 1)
 
 
 def test_image_folder_grayscale_and_not_recursive(image_root: Path):
     dm = ImageFolderDataModule(root=image_root, image_size=8, channels=1, batch_size=2, val_fraction=0.0)
     dm.setup("fit")
-    check_batch(next(iter(dm.train_dataloader())), (1, 8, 8), 2)
+    check_batch(dm.to_model_batch(next(iter(dm.train_dataloader())), train=True), (1, 8, 8), 2)
     flat = ImageFolderDataModule(root=image_root, image_size=16, batch_size=1, val_fraction=0.0, recursive=False)
     flat.setup("fit")
     assert [p.name for p in flat.files] == ["5.png"]
 
 
 def test_image_folder_resize_and_center_crop(tmp_path: Path):
-    # 48x16: black | white | black thirds. Resize keeps the short side at 16; the center crop
-    # must keep exactly the white middle third.
+    # 48x16: black | white | black thirds. The central square is exactly the white middle third.
     pixels = np.zeros((16, 48, 3), dtype=np.uint8)
     pixels[:, 16:32] = 255
     Image.fromarray(pixels).save(tmp_path / "wide.png")
@@ -493,21 +495,26 @@ def test_image_folder_resize_and_center_crop(tmp_path: Path):
         root=tmp_path, image_size=16, batch_size=1, val_fraction=0.0, random_flip=False
     )
     dm.setup("fit")
-    x, _ = next(iter(dm.train_dataloader()))
+    x, _ = dm.to_model_batch(next(iter(dm.train_dataloader())), train=True)
     assert x.shape == (1, 3, 16, 16)
     assert torch.equal(x, torch.ones_like(x))
-    # Downscaling: 96x32 -> 48x16 -> crop 16x16, still the white third.
+    # Downscaling: 96x32 -> central 32x32 (the white third) -> Lanczos to 16x16 (StyleGAN's dataset_tool).
     big = np.zeros((32, 96, 3), dtype=np.uint8)
     big[:, 32:64] = 255
+    big[5:9, 40:50] = (200, 10, 90)  # something for the filter to work on
     Image.fromarray(big).save(tmp_path / "wide.png")
     dm = ImageFolderDataModule(
         root=tmp_path, image_size=16, batch_size=1, val_fraction=0.0, random_flip=False
     )
     dm.setup("fit")
-    x, _ = next(iter(dm.train_dataloader()))
+    x, _ = dm.to_model_batch(next(iter(dm.train_dataloader())), train=True)
     assert x.shape == (1, 3, 16, 16)
-    # Antialiasing may blend at most the outermost columns with the black thirds.
-    assert torch.equal(x[..., 1:-1], torch.ones_like(x[..., 1:-1])) and x.min() > 0.5
+    with Image.open(tmp_path / "wide.png") as img:
+        square = img.crop((32, 0, 64, 32)).resize((16, 16), Image.LANCZOS)
+    expected = torch.from_numpy(np.array(square)).permute(2, 0, 1).float() / 127.5 - 1
+    assert torch.equal(x[0], expected)
+    # cropped before resizing: the black thirds never bleed into the edge columns
+    assert (x[0, :, 10:] == 1).all()
 
 
 def test_image_folder_empty(tmp_path: Path):
@@ -561,6 +568,38 @@ def test_image_folder_corrupt_file_unverified(image_root: Path):
         for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
             list(loader)
     assert str(bad) in str(info.value)
+
+
+def test_image_folder_reference_images(image_root: Path):
+    """reference_images: float (x, y) in [-1, 1], the split's uint8 images never flipped; the loaders still flip
+    (on the device, by flip_decisions)."""
+    make = partial(ImageFolderDataModule, root=image_root, image_size=12, batch_size=5, val_fraction=0.2,
+                   upscale=True)
+    dm, plain = make(random_flip=True), make(random_flip=False)
+    reference = dm.reference_images("train")  # sets the module up
+    plain.setup("fit")
+    assert dm.random_flip and len(reference) == len(plain.train_set) == len(dm.train_set) == 5
+    for i in range(len(reference)):
+        x, y = reference[i]
+        image, label, index = plain.train_set[i]
+        assert x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1 and (y, label, index) == (-1, -1, i)
+        assert torch.equal(x, image.float() / 127.5 - 1) and torch.equal(dm.train_set[i][0], image)
+    flipped = 0
+    for epoch in range(4):
+        batch = next(iter(dm.train_dataloader()))
+        x, _ = dm.to_model_batch(batch, train=True, epoch=epoch)
+        flips = flip_decisions(batch.index, dm.seed, epoch)
+        for row, i, flip in zip(x, batch.index.tolist(), flips.tolist(), strict=True):
+            assert torch.equal(row, reference[i][0].flip(-1) if flip else reference[i][0])
+            flipped += flip
+    assert flipped > 0
+    for split in ("val", "test"):
+        ref = dm.reference_images(split)
+        assert len(ref) == len(getattr(dm, f"{split}_set"))
+        assert all(torch.equal(ref[i][0], getattr(dm, f"{split}_set")[i][0].float() / 127.5 - 1)
+                   for i in range(len(ref)))
+    with pytest.raises(ValueError, match="train, val or test"):
+        dm.reference_images("training")
 
 
 # --------------------------------------------------------------------------------------------
@@ -623,7 +662,9 @@ def test_data_shape_matches_batches(which: str, cifar_root: Path, image_root: Pa
     dm.setup("fit")
     dm.setup("test")  # idempotent
     for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
-        x, y = next(iter(loader))
+        batch = next(iter(loader))
+        # uint8 image batches become (x, y) after the transfer to the device
+        x, y = dm.to_model_batch(batch, train=False) if isinstance(dm, Uint8ImagesDataModule) else batch
         assert tuple(x.shape[1:]) == shape
         assert x.dtype == torch.float32 and y.dtype == torch.long and y.shape == (x.shape[0],)
         if dm.value_range is not None:
@@ -634,14 +675,13 @@ def test_data_shape_matches_batches(which: str, cifar_root: Path, image_root: Pa
             assert ((y >= 0) & (y < dm.num_classes)).all()
 
 
-@pytest.mark.parametrize("which", ["digits", "cifar10", "image_folder"])
+@pytest.mark.parametrize("which", ["digits", "cifar10"])  # image_folder: test_image_folder_reference_images
 def test_reference_images_are_the_splits_never_flipped(which: str, cifar_root: Path, image_root: Path):
     """reference_images: the split as the loaders give it, in [-1, 1], but never flipped; the module keeps flipping."""
     make = {
         "digits": partial(DigitsDataModule, batch_size=4),
         "cifar10": partial(CIFAR10DataModule, data_dir=cifar_root, batch_size=4, download=False,
                            verify_checksums=False),
-        "image_folder": partial(ImageFolderDataModule, root=image_root, image_size=12, batch_size=2),
     }[which]
     dm, plain = make(random_flip=True), make(random_flip=False)
     reference = dm.reference_images("train")  # sets the module up

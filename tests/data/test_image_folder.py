@@ -1,4 +1,5 @@
-"""ImageFolderDataModule on real-world files: 16-bit, transparency, other modes, small images, its config."""
+"""ImageFolderDataModule on real-world files: 16-bit, transparency, other modes, small images, JPEG draft decoding,
+the uint8 batches, its configs (image_folder, celebahq)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from PIL import Image
 
 from src.data import ImageFolderDataModule
 from src.data.image_folder import DEFAULT_EXTENSIONS, to_mode
+from src.data.synthetic import write_image_folder
+from src.data.uint8_images import ImageBatch, flip_decisions, to_unit_range
 
 SIZE = 16
 LOGGER = "src.data.image_folder"
@@ -38,12 +41,28 @@ def chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def load_all(root: Path, **kwargs) -> torch.Tensor:
-    """Every image under ``root`` in file order, as the (unflipped) training transform gives it."""
+    """Every image under ``root`` in file order, decoded and scaled to [-1, 1] as the model gets it unflipped."""
     dm = ImageFolderDataModule(root=root, image_size=SIZE, batch_size=1, val_fraction=0.0, random_flip=False,
                                **kwargs)
     dm.setup("fit")
     base = dm.train_set.base
-    return torch.stack([dm.train_set.transform(base[i][0]) for i in range(len(base))])
+    return torch.stack([to_unit_range(base[i][0]) for i in range(len(base))])
+
+
+def pil_square(path: Path, size: int, mode: str = "RGB", draft: bool = False) -> torch.Tensor:
+    """StyleGAN's preprocessing written out in PIL: the central square, then Lanczos to ``size``; with ``draft`` a
+    JPEG decodes at the DCT scale PIL picks for ``size`` first. uint8 (C, size, size)."""
+    with Image.open(path) as img:
+        if draft:
+            img.draft(mode, (size, size))
+        img = img.convert(mode)
+    width, height = img.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    img = img.crop((left, top, left + side, top + side))
+    if side != size:
+        img = img.resize((size, size), Image.LANCZOS)
+    return torch.from_numpy(np.array(img).reshape(size, size, -1)).permute(2, 0, 1)
 
 
 def unit(pixels) -> torch.Tensor:
@@ -181,7 +200,7 @@ def test_alpha_error_refuses_transparent_images(tmp_path: Path, kind: str):
                                verify=False)
     dm.setup("fit")
     base = dm.train_set.base
-    assert base[0][0].mode == "RGB"  # plain.png
+    assert base[0][0].shape == (3, SIZE, SIZE)  # plain.png
     with pytest.raises(ValueError, match="data.alpha=white") as info:
         base[1]
     assert str(tmp_path / "t.png") in str(info.value)
@@ -227,8 +246,9 @@ def test_conversions_logged_once(mixed_root: Path, caplog):
     dm = ImageFolderDataModule(root=mixed_root, image_size=SIZE, batch_size=2, val_fraction=0.25, num_workers=1)
     dm.setup("fit")
     dm.setup("test")
-    for loader in (dm.train_dataloader(), dm.val_dataloader()):
-        for x, _ in loader:  # loaded in a worker process
+    for loader, train in ((dm.train_dataloader(), True), (dm.val_dataloader(), False)):
+        for batch in loader:  # loaded in a worker process
+            x, _ = dm.to_model_batch(batch, train=train)
             assert x.shape[1:] == (3, SIZE, SIZE) and x.min() >= -1 and x.max() <= 1
     assert summaries(caplog) == [
         "image_folder: 8 images; converted 1 CMYK image to RGB, converted 2 grayscale images to RGB, "
@@ -280,8 +300,9 @@ def test_small_images_allowed_with_upscale(tmp_path: Path):
         write_png_rgb(tmp_path / f"{i}.png", (3, 3))
     dm = ImageFolderDataModule(root=tmp_path, image_size=64, batch_size=2, val_fraction=0.0, upscale=True)
     dm.setup("fit")
-    x, _ = next(iter(dm.train_dataloader()))
+    x, _ = dm.to_model_batch(next(iter(dm.train_dataloader())), train=True)
     assert x.shape == (2, 3, 64, 64)
+    assert torch.equal(dm.train_set.base[0][0], pil_square(tmp_path / "0.png", 64))  # Lanczos up from 3x3
 
 
 def test_small_images_refused_when_loaded_without_verify(tmp_path: Path):
@@ -296,6 +317,147 @@ def test_small_images_refused_when_loaded_without_verify(tmp_path: Path):
 def test_upscale_must_be_a_bool(tmp_path: Path):
     with pytest.raises(ValueError, match=r"data\.upscale"):
         ImageFolderDataModule(root=tmp_path, upscale="false")
+
+
+def test_draft_must_be_a_bool(tmp_path: Path):
+    with pytest.raises(ValueError, match=r"data\.draft"):
+        ImageFolderDataModule(root=tmp_path, draft="true")
+
+
+# --------------------------------------------------------------------------------------------
+# Centre square and Lanczos; JPEG draft decoding
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(40, 24), (24, 41), (96, 32)])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_central_square_resized_with_lanczos(tmp_path: Path, size: tuple[int, int], channels: int):
+    write_png_rgb(tmp_path / "a.png", size)
+    dm = ImageFolderDataModule(root=tmp_path, image_size=SIZE, channels=channels, batch_size=1, val_fraction=0.0)
+    dm.setup("fit")
+    image, label, index = dm.train_set[0]
+    assert image.dtype == torch.uint8 and image.shape == (channels, SIZE, SIZE) and (label, index) == (-1, 0)
+    assert torch.equal(image, pil_square(tmp_path / "a.png", SIZE, "L" if channels == 1 else "RGB"))
+
+
+def write_jpeg(path: Path, size: tuple[int, int], mode: str = "RGB") -> None:
+    rng = np.random.default_rng(len(path.name))
+    y, x = np.mgrid[0 : size[1], 0 : size[0]]
+    smooth = 127 + 100 * np.sin(x / 7.0 + rng.uniform(0, 3)) * np.cos(y / 11.0)  # like a photo, not noise
+    rgb = np.clip(smooth[..., None] + rng.normal(0, 6, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(rgb).convert(mode).save(path, quality=90)
+
+
+@pytest.mark.parametrize(("kind", "channels"), [("RGB", 3), ("RGB", 1), ("L", 3), ("CMYK", 3)])
+@pytest.mark.parametrize("extra", [0, 5])
+def test_jpeg_draft_decodes_at_reduced_scale(tmp_path: Path, kind: str, channels: int, extra: int):
+    """A JPEG of 4x the size decodes at 1/4 scale with draft (as PIL's own draft does it), in full without."""
+    write_jpeg(tmp_path / "a.jpg", (4 * SIZE + extra, 4 * SIZE), kind)
+    mode = "L" if channels == 1 else "RGB"
+    items = {}
+    for draft in (True, False):
+        dm = ImageFolderDataModule(root=tmp_path, image_size=SIZE, channels=channels, batch_size=1,
+                                   val_fraction=0.0, draft=draft)
+        dm.setup("fit")
+        items[draft] = dm.train_set[0][0]
+        assert items[draft].shape == (channels, SIZE, SIZE) and items[draft].dtype == torch.uint8
+        assert torch.equal(items[draft], pil_square(tmp_path / "a.jpg", SIZE, mode, draft))
+    assert not torch.equal(items[True], items[False])  # the draft did apply
+    if not extra:  # a non-square draft crops its centre at the reduced scale: shifted by up to 2 source pixels here
+        assert (items[True].float() - items[False].float()).abs().mean() < 2
+
+
+def test_draft_leaves_other_formats_and_small_jpegs_alone(tmp_path: Path):
+    write_png_rgb(tmp_path / "a.png", (4 * SIZE, 4 * SIZE))
+    write_jpeg(tmp_path / "b.jpg", (2 * SIZE - 1, 2 * SIZE + 3))  # under twice the size: no DCT scaling
+    dm = ImageFolderDataModule(root=tmp_path, image_size=SIZE, batch_size=1, val_fraction=0.0)
+    dm.setup("fit")
+    assert dm.draft is True
+    assert torch.equal(dm.train_set[0][0], pil_square(tmp_path / "a.png", SIZE))
+    assert torch.equal(dm.train_set[1][0], pil_square(tmp_path / "b.jpg", SIZE))
+
+
+def test_refusals_see_the_size_before_draft(tmp_path: Path):
+    write_jpeg(tmp_path / "a.jpg", (8 * SIZE, 8 * SIZE - 1))  # drafts to 1/4 scale, still >= 2 * SIZE
+    dm = ImageFolderDataModule(root=tmp_path, image_size=2 * SIZE, batch_size=1, val_fraction=0.0, verify=False)
+    dm.setup("fit")
+    assert dm.train_set[0][0].shape == (3, 2 * SIZE, 2 * SIZE)
+    write_jpeg(tmp_path / "a.jpg", (8 * SIZE, 2 * SIZE - 1))
+    with pytest.raises(ValueError, match=f"{8 * SIZE}x{2 * SIZE - 1}"):
+        dm.train_set[0]
+
+
+# --------------------------------------------------------------------------------------------
+# uint8 batches: scaled and flipped after the transfer
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("random_flip", [True, False])
+def test_loader_batches_are_uint8_and_flip_by_hash(tmp_path: Path, random_flip: bool):
+    for i in range(8):
+        write_png_rgb(tmp_path / f"{i}.png", (SIZE + i, SIZE))
+    dm = ImageFolderDataModule(root=tmp_path, image_size=SIZE, batch_size=4, val_fraction=0.25, seed=3,
+                               random_flip=random_flip)
+    dm.setup("fit")
+    split = [to_unit_range(dm.train_set[i][0]) for i in range(len(dm.train_set))]
+    flips = 0
+    for epoch in range(3):
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        for batch in loader:
+            assert isinstance(batch, ImageBatch) and batch.image.dtype == torch.uint8
+            assert batch.image.shape == (4, 3, SIZE, SIZE) and (batch.label == -1).all()
+            flip = flip_decisions(batch.index, dm.seed, epoch)
+            for train in (True, False):
+                x, y = dm.to_model_batch(batch, train=train, epoch=epoch)
+                assert x.dtype == torch.float32 and y.dtype == torch.long and -1 <= x.min() and x.max() <= 1
+                for row, i, f in zip(x, batch.index.tolist(), flip.tolist(), strict=True):
+                    flipped = train and random_flip and f
+                    assert torch.equal(row, split[i].flip(-1) if flipped else split[i])
+                    flips += flipped
+    assert (flips > 0) == random_flip
+    for batch in dm.val_dataloader():
+        x, _ = dm.to_model_batch(batch, train=False)
+        assert torch.equal(x[0], to_unit_range(dm.val_set[0][0]))
+
+
+def test_trainer_gets_float_batches(tmp_path: Path):
+    """Through a real Trainer: on_after_batch_transfer hands the steps float (x, y), not the uint8 batch."""
+    import lightning as L
+
+    seen, validated = [], []
+
+    class Tiny(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(()))
+
+        def training_step(self, batch, _):
+            x, y = batch
+            assert x.dtype == torch.float32 and x.shape == (2, 3, SIZE, SIZE)
+            assert -1 <= x.min() and x.max() <= 1 and y.dtype == torch.long and y.shape == (2,)
+            seen.append(x)
+            return (self.weight * x).pow(2).mean()
+
+        def validation_step(self, batch, _):
+            x, _ = batch
+            assert x.dtype == torch.float32 and x.shape == (1, 3, SIZE, SIZE)
+            validated.append(x)
+
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    for i in range(5):
+        write_png_rgb(tmp_path / f"{i}.png", (SIZE, SIZE + 2))
+    dm = ImageFolderDataModule(root=tmp_path, image_size=SIZE, batch_size=2, val_fraction=0.2)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        num_sanity_val_steps=0)
+    trainer.fit(Tiny(), datamodule=dm)
+    assert trainer.global_step == 2 and len(seen) == 2
+    [x] = validated  # one epoch of two batches, then its validation: never flipped
+    assert torch.equal(x[0], to_unit_range(dm.val_set[0][0]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,4 +479,36 @@ def test_config_keys_override_without_plus(compose_cfg, tmp_path: Path):
 def test_config_defaults_match_the_class(compose_cfg, tmp_path: Path):
     cfg = compose_cfg("data=image_folder", f"data.root={tmp_path}")
     assert tuple(cfg.data.extensions) == DEFAULT_EXTENSIONS
-    assert cfg.data.alpha == "white" and cfg.data.upscale is False
+    assert cfg.data.alpha == "white" and cfg.data.upscale is False and cfg.data.draft is True
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_celebahq_config(compose_cfg, tmp_path: Path, fmt: str):
+    """data=celebahq: 1024x1024 files -> (3, 256, 256) uint8 squares, all for training, flipped."""
+    root = write_image_folder(tmp_path / "celebahq", count=6, size=1024, fmt=fmt)
+    cfg = compose_cfg("data=celebahq", f"data.root={root}")
+    assert cfg.data.image_size == 256 and cfg.data.batch_size == 64 and cfg.data.random_flip is True
+    assert cfg.data.val_fraction == 0 and cfg.data.upscale is False and cfg.data.draft is True
+    dm = instantiate(cfg.data)
+    assert isinstance(dm, ImageFolderDataModule) and dm.data_shape == (3, 256, 256)
+    dm.setup("fit")
+    assert dm.split_lengths() == {"train": 6, "val": 0, "test": 0}
+    files = sorted(root.iterdir())
+    for i in range(2):
+        image, label, index = dm.train_set[i]
+        assert image.dtype == torch.uint8 and image.shape == (3, 256, 256) and (label, index) == (-1, i)
+        path = files[dm.train_set.indices[i]]
+        if fmt == "PNG":  # no draft for PNG: exactly Lanczos from 1024
+            assert torch.equal(image, pil_square(path, 256))
+        else:  # decoded at 1/4 scale: 256x256, no resize left to do
+            assert torch.equal(image, pil_square(path, 256, draft=True))
+            full = pil_square(path, 256)
+            assert not torch.equal(image, full)
+            # 0.78 levels on these pictures (gradients with noise of 8 levels)
+            assert (image.float() - full.float()).abs().mean() < 1.5
+
+
+def test_celebahq_config_needs_root(compose_cfg):
+    cfg = compose_cfg("data=celebahq")
+    with pytest.raises(Exception, match="root"):
+        instantiate(cfg.data)
