@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from src.data.synthetic import write_image_folder, write_lsun_lmdb
 from tests.helpers import ROOT, write_fake_cifar10
 
 pytestmark = pytest.mark.slow
@@ -70,6 +71,9 @@ NOT_HERE = {  # the first pattern a line holds decides
     "hydra/launcher=slurm": ("compose", "submits jobs to a SLURM cluster"),
     "experiment=cifar10": ("gpu", "trains the paper's CIFAR-10 model on a GPU on the downloaded data: without a GPU it "
                                   "must stop at once saying how to train on the CPU; with one, it is composed only"),
+    "s3://": ("compose", "writes to an object store"),
+    "experiment=lsun_": ("gpu", "trains the paper's 256x256 model on 8 GPUs: stops at once without a GPU"),
+    "experiment=celebahq256": ("gpu", "trains the paper's 256x256 model on 8 GPUs: stops at once without a GPU"),
 }
 # Offline stand-ins (not size changes) that a line needs here, and why.
 OFFLINE = {
@@ -87,6 +91,7 @@ SHRINK = {
     "src.bench": ["batch_size=2", "sample_steps=3", "ddim_steps=2", "dpmpp_steps=2", "repeats=1", "warmup=0",
                   "model.ch=32", "device=cpu", "cpu_memory=false"],
     "src.convert": [],
+    "src.data.prepare": ["num_workers=1"],
 }
 # the image-folder example trains the paper-size U-Net at 64x64: narrower, and small batches
 IMAGE_FOLDER = ["model.ch=32", "data.batch_size=4", "data.num_workers=0"]
@@ -124,6 +129,7 @@ class Copy:
                 shutil.copy2(source, root / name)
         (root / ".venv").symlink_to(Path(sys.prefix))  # the installed environment, as after `make` on this machine
         self.runs: dict[str, Path] = {}
+        self.stand_ins: dict[str, Path] = {}  # README placeholders of data folders -> generated data
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("DDPM_", "PYTEST_"))}
         self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{self.env.get('PATH', '')}"  # `python`
 
@@ -151,7 +157,7 @@ def prepared_argv(copy: Copy, line: Line, images: Path, inception: Path) -> tupl
         overrides = " ".join(SHRINK["src.train"][:3])
         return ["make", "-o", ".venv/.installed", *argv[1:], f"ARGS={overrides}"], env
     module = argv[2]
-    ckpt = copy.runs["digits"]
+    ckpt = copy.runs.get("digits", copy.root)
     if "metric=swd" in text:
         ckpt = copy.runs["toy2d"]
     elif line.section.startswith("Class-conditional"):
@@ -160,6 +166,8 @@ def prepared_argv(copy: Copy, line: Line, images: Path, inception: Path) -> tupl
     for arg in argv:
         arg = arg.replace("outputs/train/runs/<run>", str(ckpt.relative_to(copy.root)))
         arg = arg.replace("/path/to/images", str(images)).replace("<partition>", "debug")
+        for placeholder, stand_in in copy.stand_ins.items():
+            arg = arg.replace(placeholder, str(stand_in))
         if arg == "ckpt_path=...":
             arg = f"ckpt_path={ckpt / 'checkpoints' / 'last.ckpt'}"
         filled.append(arg)
@@ -225,6 +233,11 @@ def test_every_readme_command_works_as_written(fresh_copy, tmp_path):
     make_images(images)
     inception = make_random_inception_weights(tmp_path / "inception.pth")
     write_fake_cifar10(copy.root / "data" / "cifar10")
+    # the 256x256 data, generated in the real layouts (the placeholders are longest first: one is a prefix)
+    copy.stand_ins = {
+        "/path/to/church_outdoor_train_lmdb": write_lsun_lmdb(tmp_path / "lsun", "church_outdoor", count=12, corrupt=1),
+        "/path/to/celebahq": write_image_folder(tmp_path / "celebahq", count=6, size=300),
+        "/path/to/shards": copy.root / "shards"}
     make_diffusers_folder(copy.root / "ddpm-cifar10-32")
     # the conversion before the lines that use its output
     convert = [ln for ln in lines if "src.convert" in ln.text]

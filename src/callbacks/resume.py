@@ -17,7 +17,8 @@ class ExactResume(L.Callback):
     - The global RNG (timesteps, noise, label dropout) is saved in every checkpoint (``rng_states``) and restored
       before the first resumed step; so is the number of CPU threads (``cpu_threads``, restored by src.train).
     - Resumed mid-epoch, the epoch's data order is replayed from its seed (``EpochSeededSampler``) minus the
-      batches already trained on.
+      batches already trained on: the data modules save their position (``BaseDataModule.state_dict``), and the
+      shards' streaming loader its own.
     - Loggers that can (``ResumableCSVLogger``) drop the rows the stopped attempt wrote after the checkpoint, so
       ``metrics.csv`` has one row per step.
 
@@ -34,18 +35,19 @@ class ExactResume(L.Callback):
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         self._rng_states = checkpoint.get("rng_states")
+        datamodule = getattr(trainer, "datamodule", None)
+        if hasattr(datamodule, "train_sampler") and type(datamodule).__qualname__ not in checkpoint:
+            # a checkpoint written before data modules saved their position: read it from the loop's progress
+            try:
+                done = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"]
+            except (KeyError, TypeError):
+                return
+            datamodule.load_state_dict({"epoch": int(checkpoint.get("epoch", 0)), "batches_done": int(done),
+                                        "world_size": trainer.world_size})
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.ckpt_path is None:
             return
-        # batches of this epoch whose step ran before the checkpoint was written
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if done >= trainer.num_training_batches:  # saved after an epoch's last batch: a fresh epoch follows
-            done = 0
-        loader = trainer.train_dataloader
-        sampler = getattr(loader, "sampler", None)
-        if done and hasattr(sampler, "skip") and hasattr(loader, "batch_size"):
-            sampler.skip = done * loader.batch_size
         for logger in trainer.loggers:
             if hasattr(logger, "resume_at"):
                 logger.resume_at(step=trainer.global_step, epoch=trainer.current_epoch)

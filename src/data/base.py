@@ -7,6 +7,7 @@ class labels (``-1`` for unlabeled data). Splits are drawn from ``seed`` with a 
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -78,11 +79,11 @@ def split_indices(
 
 
 def leave_sigterm_to_the_trainer(worker_id: int) -> None:
-    """``worker_init_fn`` of every loader: workers ignore SIGTERM. A scheduler (SLURM, Kubernetes, ``kill`` of the
-    process group) signals every process of the job; a worker killed by it makes torch raise in the training
-    process, which would abort the last checkpoint it writes on SIGTERM. The workers end with the training
-    process's loaders instead."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """``worker_init_fn`` of every loader: a worker ends quietly (exit status 0) on SIGTERM. A scheduler (SLURM,
+    Kubernetes, ``kill`` of the process group) signals every process of the job; a worker killed by the signal
+    makes torch raise in the training process, which would abort the last checkpoint it writes on SIGTERM. (Not
+    ignored: Python's exit would then wait forever for workers that do not stop.)"""
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
 class TransformedSubset(Dataset):
@@ -230,6 +231,36 @@ class BaseDataModule(L.LightningDataModule):
 
     # --- loaders ---------------------------------------------------------------------------------
 
+    # --- where a resumed run continues ---------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint (Lightning's DataModule state): the epoch and how many of its batches have
+        been trained on, so a resumed run's first loader starts where the checkpoint left off."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return {}
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        if done >= trainer.num_training_batches:  # saved after an epoch's last batch: a fresh epoch follows
+            return {"epoch": trainer.current_epoch + 1, "batches_done": 0}
+        return {"epoch": trainer.current_epoch, "batches_done": done, "world_size": trainer.world_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_position = dict(state_dict) or None
+
+    def train_sampler(self, num_examples: int) -> EpochSeededSampler:
+        """The training order; in a resumed run the first one is set to the saved epoch, less the examples trained
+        on. Set here, before Lightning starts the first iterator (with loader workers that happens before any
+        ``on_train_start``), and counted in the undistributed order: ranks take every W-th example of it."""
+        sampler = EpochSeededSampler(num_examples, self.seed)
+        position, self._resume_position = getattr(self, "_resume_position", None), None
+        if position:
+            sampler.set_epoch(int(position["epoch"]))
+            sampler.skip = int(position["batches_done"]) * self.batch_size * int(position.get("world_size", 1))
+            if sampler.skip + self.batch_size > num_examples:  # the epoch was over (no full batch left)
+                sampler.set_epoch(sampler.epoch + 1)
+                sampler.skip = 0
+        return sampler
+
     def _loader(self, dataset: Dataset | None, split: str, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(
@@ -241,7 +272,7 @@ class BaseDataModule(L.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             # own generators, never the global RNG: a resumed run then draws the same noise as an unbroken one
-            sampler=EpochSeededSampler(n, self.seed) if train else None,
+            sampler=self.train_sampler(n) if train else None,
             generator=torch.Generator().manual_seed(self.seed),
             # Dropping the ragged last batch keeps batch statistics even, but only if a full batch exists.
             drop_last=train and n >= self.batch_size,

@@ -44,7 +44,7 @@ def crop_resize(img: Image.Image, size: int, mode: str = RGB, draft: bool = True
     array = np.asarray(img, dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())  # one copy, straight into C x H x W
 
 
 def decode_square(source: bytes | str | Path, size: int, mode: str = RGB, draft: bool = True) -> torch.Tensor:

@@ -67,8 +67,11 @@ def shared_env(path: str | Path) -> Any:
     process keeps one per LMDB, shared by all its readers, and a forked child (a DataLoader worker) closes the copy
     it inherited, which frees the files for its own open (with lock=False closing touches only the child's copy).
     """
-    key = str(Path(path).resolve())
     pid = os.getpid()
+    entry = _ENVS.get(str(path))  # the readers pass the resolved path: no filesystem call per record
+    if entry is not None and entry[0] == pid:
+        return entry[1]
+    key = str(Path(path).resolve())
     entry = _ENVS.get(key)
     if entry is not None and entry[0] == pid:
         return entry[1]
@@ -181,7 +184,7 @@ class LSUNDataModule(Uint8ImagesDataModule):
         image_size: int = 256,
         batch_size: int = 64,
         random_flip: bool = True,
-        val_fraction: float = 0.0,
+        val_fraction: float = 0.001,
         max_images: int | None = None,
         draft: bool = True,
         verify: bool = False,

@@ -63,7 +63,7 @@ class DeviceResidentDataModule(BaseDataModule):
         n = len(self.train_set)  # type: ignore[arg-type]
         if self._resident is None:
             self._resident = self.resident_train_data()
-        sampler = EpochSeededSampler(n, self.seed)
+        sampler = self.train_sampler(n)
         # indices only, batched in the main process: a worker would have nothing to do
         return DataLoader(range(n), batch_size=self.batch_size, sampler=sampler, drop_last=n >= self.batch_size,
                           num_workers=0, collate_fn=functools.partial(self._collate_resident, sampler))

@@ -47,6 +47,43 @@ class ShardItems(Dataset):
         return self.stream[i]
 
 
+def shard_loader(*args: Any, trained_batches: Any = None, **kwargs: Any) -> Any:
+    """LitData's ``StreamingDataLoader`` whose saved position is the last batch trained on, not the last fetched.
+
+    Lightning fetches a batch ahead of the step it runs (to know which batch is an epoch's last), and the
+    loader counts what it has handed out: saved as it is, a resumed run would skip the prefetched batch.
+    ``trained_batches()`` (the batches of this epoch whose step ran) sets the position back by the difference.
+    """
+    from litdata import StreamingDataLoader
+
+    class TrainedPositionLoader(StreamingDataLoader):
+        def load_state_dict(self, obj: dict[str, Any]) -> None:
+            super().load_state_dict(obj)
+            self._resumed_epoch_read = False
+
+        def __iter__(self) -> Any:
+            # LitData replays the loaded position until an iteration runs to its end, but Lightning stops an epoch
+            # by its batch count: once the resumed epoch has been read, the next epoch starts afresh
+            if self.restore and getattr(self, "_resumed_epoch_read", False):
+                self.restore = False
+            self._resumed_epoch_read = True
+            yield from super().__iter__()
+
+        def state_dict(self) -> dict[str, Any]:
+            state = super().state_dict()
+            trained = trained_batches() if trained_batches is not None else None
+            ahead = state["num_samples_yielded"] // self.batch_size - trained if trained is not None else 0
+            if ahead > 0:
+                state["num_samples_yielded"] -= ahead * self.batch_size
+                state["dataset"] = self.dataset.state_dict(state["num_samples_yielded"], self.num_workers,
+                                                           self.batch_size)
+                if self.num_workers:  # batches come from the workers in turn
+                    state["latest_worker_idx"] = (state["latest_worker_idx"] - ahead) % self.num_workers
+            return state
+
+    return TrainedPositionLoader(*args, **kwargs)
+
+
 class ShardsDataModule(Uint8ImagesDataModule):
     """Streamed shards written by ``src.data.prepare``: ``<root>/train`` (and ``<root>/val`` when prepared).
 
@@ -109,7 +146,9 @@ class ShardsDataModule(Uint8ImagesDataModule):
             from litdata import StreamingDataset
         except ImportError as err:
             raise ImportError(f"data=shards needs litdata: {INSTALL}") from err
-        options: dict[str, Any] = {"max_cache_size": self.max_cache_size}
+        # decode one item at a time: LitData's default decodes a group of items per read and keeps only the
+        # current group, which shuffled reads of large arrays redo for nearly every item (~9x slower measured)
+        options: dict[str, Any] = {"max_cache_size": self.max_cache_size, "batch_decode": "item"}
         if self.cache_dir is not None:
             options["cache_dir"] = str(self.cache_dir)
         if self.shuffle_window is not None:
@@ -139,13 +178,22 @@ class ShardsDataModule(Uint8ImagesDataModule):
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.{split}_dataloader() called before setup(), or the shards "
                                f"have no {split} split")
-        from litdata import StreamingDataLoader
-
         # LitData splits the epoch over ranks and workers; a DataLoader sampler would not see the stream
-        return StreamingDataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                                   collate_fn=collate_images, pin_memory=self._pin_memory(), drop_last=train,
-                                   persistent_workers=self.num_workers > 0,
-                                   worker_init_fn=leave_sigterm_to_the_trainer if self.num_workers > 0 else None)
+        return shard_loader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                            collate_fn=collate_images, pin_memory=self._pin_memory(), drop_last=train,
+                            persistent_workers=self.num_workers > 0,
+                            worker_init_fn=leave_sigterm_to_the_trainer if self.num_workers > 0 else None,
+                            trained_batches=self._trained_batches if train else None,
+                            # the workers' base seed from a private generator: never a draw from the global RNG,
+                            # whose state (the training noise) a resumed run restores
+                            generator=torch.Generator().manual_seed(self.seed))
+
+    def _trained_batches(self) -> int | None:
+        """Batches of the current epoch whose training step ran (None outside a Trainer's fit)."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return None
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def reference_images(self, split: str = "train") -> Dataset:
         """Every image of ``split`` in its stored order, as ``(x in [-1, 1], label)``, never flipped."""

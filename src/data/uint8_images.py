@@ -55,7 +55,7 @@ def flip_decisions(index: Tensor, seed: int, epoch: int) -> Tensor:
 
 def to_unit_range(images: Tensor) -> Tensor:
     """uint8 pixels v -> float32 v / 127.5 - 1 (exactly as ``pil_to_unit_range``)."""
-    return images.to(torch.float32) / 127.5 - 1
+    return images.to(torch.float32).div_(127.5).sub_(1)  # in place on the new float tensor
 
 
 class Uint8Items(Dataset):
@@ -86,8 +86,8 @@ class Uint8ImagesDataModule(BaseDataModule):
         """``(x, y)`` of a loader batch: x float32 in [-1, 1] on the batch's device, flipped when ``train``."""
         x = to_unit_range(batch.image)
         if train and self.train_flips:
-            flip = flip_decisions(batch.index, self.seed, epoch).view(-1, 1, 1, 1)
-            x = torch.where(flip, x.flip(-1), x)
+            rows = flip_decisions(batch.index, self.seed, epoch).nonzero().flatten()
+            x[rows] = x[rows].flip(-1)  # only the chosen rows are copied
         return x, batch.label
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -488,11 +488,11 @@ def test_celebahq_config(compose_cfg, tmp_path: Path, fmt: str):
     root = write_image_folder(tmp_path / "celebahq", count=6, size=1024, fmt=fmt)
     cfg = compose_cfg("data=celebahq", f"data.root={root}")
     assert cfg.data.image_size == 256 and cfg.data.batch_size == 64 and cfg.data.random_flip is True
-    assert cfg.data.val_fraction == 0 and cfg.data.upscale is False and cfg.data.draft is True
+    assert cfg.data.val_fraction == 0.001 and cfg.data.upscale is False and cfg.data.draft is True
     dm = instantiate(cfg.data)
     assert isinstance(dm, ImageFolderDataModule) and dm.data_shape == (3, 256, 256)
     dm.setup("fit")
-    assert dm.split_lengths() == {"train": 6, "val": 0, "test": 0}
+    assert dm.split_lengths() == {"train": 5, "val": 1, "test": 0}  # 0.1 % held out: at least one
     files = sorted(root.iterdir())
     for i in range(2):
         image, label, index = dm.train_set[i]

@@ -73,7 +73,7 @@ def is_image(value: bytes) -> bool:
 
 
 def module(root: Path, **kwargs) -> LSUNDataModule:
-    args = {"image_size": 32, "batch_size": 8, "num_workers": 0, **kwargs}
+    args = {"image_size": 32, "batch_size": 8, "num_workers": 0, "val_fraction": 0.0, **kwargs}
     dm = LSUNDataModule(root, **args)
     dm.setup("fit")
     return dm
@@ -129,7 +129,7 @@ def test_no_flips_without_random_flip(clean: Path):
 
 
 def test_reference_images_are_unflipped_unit_range(clean: Path):
-    dm = LSUNDataModule(clean, image_size=16, num_workers=0)
+    dm = LSUNDataModule(clean, image_size=16, num_workers=0, val_fraction=0.0)
     reference = dm.reference_images("train")  # sets the module up itself
     assert isinstance(reference, Uint8Items) and len(reference) == COUNT
     for i in (0, 7, COUNT - 1):
@@ -428,7 +428,7 @@ def test_config_instantiates_with_the_class_defaults(clean: Path):
     assert {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("_target_", "root")} == defaults
     assert dm.data_shape == (3, 256, 256) and dm.num_workers == 8 and not dm.verify and not dm.skip_corrupt
     dm.setup("fit")
-    assert len(dm.train_set) == COUNT
+    assert len(dm.train_set) == COUNT - 1 and len(dm.val_set) == 1  # val_fraction 0.001: at least one
 
 
 class Probe(L.LightningModule):

@@ -130,7 +130,8 @@ def test_clear_errors(cifar, tmp_path):
 
 def test_unreadable_lsun_records_are_left_out_and_listed(tmp_path):
     lmdb_dir = write_lsun_lmdb(tmp_path / "lsun", count=12, corrupt=1, size=(48, 32))
-    out, run = prepare(tmp_path, "source=lsun", f"source.root={lmdb_dir}", "source.image_size=32")
+    out, run = prepare(tmp_path, "source=lsun", f"source.root={lmdb_dir}", "source.image_size=32",
+                       "source.val_fraction=0.0")
     bad = json.loads((run / "unreadable-train.json").read_text())
     assert len(bad) == 1 and "Could not decode LSUN record" in bad[0]["error"]
     dm = shards(out)

@@ -130,7 +130,7 @@ def test_datamodule_reference_uses_unflipped_training_images(fid_env):
                            device="cpu", feature=QUICK)["fid"]
     assert abs(fid) < 1e-4  # the flipped set scores ~6e-3 here: 64-d features are nearly flip-invariant
     assert datamodule.random_flip  # the module used for training keeps its augmentation
-    assert any(p.name.startswith(f"flipping-train-3x{SIZE}x{SIZE}-max50000-weights-")
+    assert any(p.name.startswith("flipping-") and f"-train-3x{SIZE}x{SIZE}-max50000-weights-" in p.name
                for p in fid_env["cache"].iterdir())
 
 
@@ -204,3 +204,16 @@ def test_a_bad_weights_file_from_the_environment_or_the_callback_names_that_sett
     monkeypatch.delenv(WEIGHTS_ENV)
     with pytest.raises(ValueError, match=rf"callbacks\.fid\.weights_path={path} cannot be read"):
         inception_weights_file(path, key="callbacks.fid.weights_path")
+
+
+def test_reference_statistics_are_cached_per_data_subset_and_split_settings(tmp_path):
+    from src.data import ImageFolderDataModule
+    from src.metrics.fidelity.compute import reference_cache_stem
+
+    def stem(**options):
+        return reference_cache_stem(ImageFolderDataModule(root=tmp_path, image_size=16, **options), 1000)
+
+    assert stem() == stem()
+    assert len({stem(), stem(val_fraction=0.2), stem(seed=1), stem(channels=1), stem(draft=False)}) == 5
+    assert stem() != reference_cache_stem(ImageFolderDataModule(root=tmp_path / "other", image_size=16), 1000)
+    assert stem().startswith("image_folder-") and stem().endswith("-train-3x16x16-max1000")

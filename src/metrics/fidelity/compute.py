@@ -29,15 +29,25 @@ def default_cache_root() -> Path:
     return cache_dir("fidelity")
 
 
+# what decides which images a DataModule's split holds and how they are made; the version changes with the
+# preprocessing (2: centre square + Lanczos for image folders)
+SPLIT_SETTINGS = ("val_fraction", "test_fraction", "max_images", "seed", "channels", "alpha", "upscale", "draft",
+                  "extensions", "recursive")
+PREPROCESSING_VERSION = 2
+
+
 def reference_cache_stem(datamodule: Any, limit: int, split: str = "train") -> str:
-    """Cache name of a DataModule's images: dataset name, split, shape (C x H x W), count limit, and a
-    hash of the folder for image folders (whose name alone does not identify the data)."""
+    """Cache name of a DataModule's images: dataset name, split, shape (C x H x W), count limit, and a hash of
+    where the data is (``root``, whose name alone does not identify the data) and of the settings that choose and
+    make the split's images (``SPLIT_SETTINGS``), so a subset or another split never reuses another's statistics."""
     name = getattr(datamodule, "name", type(datamodule).__name__)
     shape = getattr(datamodule, "data_shape", None)
     size = f"-{shape[0]}x{shape[1]}x{shape[2]}" if shape is not None and len(shape) == 3 else ""
     root = getattr(datamodule, "root", None)
-    where = f"-{hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8]}" if root else ""
-    return f"{name}{where}-{split}{size}-max{limit}"
+    where = str(root if str(root).startswith(("s3://", "gs://")) else Path(root).resolve()) if root else ""
+    settings = {k: repr(getattr(datamodule, k)) for k in SPLIT_SETTINGS if hasattr(datamodule, k)}
+    key = repr((where, sorted(settings.items()), PREPROCESSING_VERSION))
+    return f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}-{split}{size}-max{limit}"
 
 
 def _wanted_metrics(metrics: Sequence[str], feature: int) -> tuple[str, ...]:
