@@ -387,6 +387,29 @@ def test_sigterm_writes_last_checkpoint_and_the_run_resumes_exactly(tmp_path, re
     assert_same_weights_and_ema(load_checkpoint(run_dir / "checkpoints" / "last.ckpt"), uninterrupted)
 
 
+@pytest.mark.slow
+def test_a_run_with_loader_workers_resumes_exactly(tmp_path, request):
+    """As above with two loader workers (the data configs' defaults use workers): the workers draw the sampler's
+    first indices as soon as Lightning creates the iterator, before any on_train_start, so the resumed position
+    must be set when the loader is built; and they must not die of the scheduler's SIGTERM before the checkpoint."""
+    run_dir, log = tmp_path / "stopped", tmp_path / "stopped.log"
+    proc = start_training(log, *paused_run_args(run_dir, step=5), "data.num_workers=2",
+                          env={"DDPM_ROOT": str(tmp_path)})
+    try:
+        uninterrupted = request.getfixturevalue("uninterrupted")  # no workers: the same order
+        wait_for(tmp_path / "stopped-paused", proc, log)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 5, log.read_text()[-3000:]
+    result = run_entry_point("src.train", *EXACT, "data.num_workers=2", "ckpt_path=last", f"hydra.run.dir={run_dir}",
+                             cwd=tmp_path, env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_weights_and_ema(load_checkpoint(run_dir / "checkpoints" / "last.ckpt"), uninterrupted)
+
+
 # --------------------------------------------------------------- 4. DDP ranks agree
 @pytest.mark.slow
 def test_two_ddp_ranks_end_with_identical_weights_and_ema(tmp_path):
