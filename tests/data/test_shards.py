@@ -4,8 +4,6 @@ ranks of a DDP run see disjoint parts of every epoch, and a run stopped mid-epoc
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -186,7 +184,7 @@ class RecordImages(L.Callback):
 def test_a_run_stopped_mid_epoch_resumes_exactly(cifar, tmp_path):
     """SIGTERM at step 7 (epoch 1, batch 2 of 5; loader workers running), then `ckpt_path=last`: the weights and EMA
     of the uninterrupted 12-step run, which needs the loader to continue from its saved position."""
-    from tests.entry_points.test_resilience import start_training, wait_for
+    from tests.entry_points.test_resilience import sigterm_when_paused, start_training
 
     whole = tmp_path / "whole"
     result = run_entry_point("src.train", *train_args(cifar["out"], whole, "data.num_workers=2"), cwd=tmp_path,
@@ -197,13 +195,7 @@ def test_a_run_stopped_mid_epoch_resumes_exactly(cifar, tmp_path):
     proc = start_training(log, *train_args(cifar["out"], run_dir, "data.num_workers=2",
                                            "+callbacks.pause._target_=tests.entry_points.test_resilience.PauseAtStep",
                                            "+callbacks.pause.step=7", f"+callbacks.pause.marker={marker}"))
-    try:
-        wait_for(marker, proc, log)
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    sigterm_when_paused(proc, marker, log)
     assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 7, log.read_text()[-3000:]
     time.sleep(0.1)
     result = run_entry_point("src.train", *train_args(cifar["out"], run_dir, "data.num_workers=2", "ckpt_path=last"),

@@ -132,6 +132,18 @@ def wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = STA
         time.sleep(0.1)
 
 
+def sigterm_when_paused(proc: subprocess.Popen, marker: Path, log: Path) -> None:
+    """Once the run has touched ``marker`` (``PauseAtStep``), SIGTERM its whole process group, as schedulers do,
+    and wait for it to end (SIGKILL if it does not)."""
+    try:
+        wait_for(marker, proc, log)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def paused_run_args(run_dir: Path, step: int) -> list[str]:
     marker = run_dir.parent / f"{run_dir.name}-paused"
     return [*EXACT, f"hydra.run.dir={run_dir}",
@@ -368,14 +380,8 @@ def test_ctrl_c_inside_a_step_keeps_the_last_good_checkpoint(compose_cfg, tmp_pa
 def test_sigterm_writes_last_checkpoint_and_the_run_resumes_exactly(tmp_path, request):
     run_dir, log = tmp_path / "stopped", tmp_path / "stopped.log"
     proc = start_training(log, *paused_run_args(run_dir, step=5), env={"DDPM_ROOT": str(tmp_path)})
-    try:
-        uninterrupted = request.getfixturevalue("uninterrupted")
-        wait_for(tmp_path / "stopped-paused", proc, log)
-        os.killpg(proc.pid, signal.SIGTERM)  # to the whole process group, as schedulers do
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    uninterrupted = request.getfixturevalue("uninterrupted")  # trains while the other run waits
+    sigterm_when_paused(proc, tmp_path / "stopped-paused", log)
     output = log.read_text()
     assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]  # a stopped run must not report success
     assert "SIGTERM at step 5" in output, output[-3000:]
@@ -395,14 +401,8 @@ def test_a_run_with_loader_workers_resumes_exactly(tmp_path, request):
     run_dir, log = tmp_path / "stopped", tmp_path / "stopped.log"
     proc = start_training(log, *paused_run_args(run_dir, step=5), "data.num_workers=2",
                           env={"DDPM_ROOT": str(tmp_path)})
-    try:
-        uninterrupted = request.getfixturevalue("uninterrupted")  # no workers: the same order
-        wait_for(tmp_path / "stopped-paused", proc, log)
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    uninterrupted = request.getfixturevalue("uninterrupted")  # no workers: the same order
+    sigterm_when_paused(proc, tmp_path / "stopped-paused", log)
     assert load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 5, log.read_text()[-3000:]
     result = run_entry_point("src.train", *EXACT, "data.num_workers=2", "ckpt_path=last", f"hydra.run.dir={run_dir}",
                              cwd=tmp_path, env=ONE_THREAD)
